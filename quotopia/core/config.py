@@ -1,0 +1,52 @@
+"""Core's one frozen, validated configuration object."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["CoreConfig", "parse_address"]
+
+
+def parse_address(addr: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (or ``"[::1]:port"``) and validate it."""
+    host, sep, port_text = addr.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise ValueError(f"bad address {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:50051")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    """Everything Core needs to run. Invalid values raise :class:`ValueError`."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on all interfaces
+    #: 0 asks the OS for a free port; :func:`quotopia.core.serve` reports the real one.
+    port: int = 8080
+    #: Where FT listens, as HOST:PORT.
+    ft_addr: str = "127.0.0.1:50051"
+    #: First reconnect delay, in seconds; it doubles after every failure.
+    backoff_initial: float = 0.1
+    #: Longest reconnect delay, in seconds.
+    backoff_cap: float = 5.0
+    #: Seconds in-flight HTTP requests get to finish on shutdown.
+    graceful_timeout: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, got {self.port}")
+        parse_address(self.ft_addr)
+        if not (math.isfinite(self.backoff_initial) and self.backoff_initial > 0):
+            raise ValueError(f"backoff initial delay must be positive, got {self.backoff_initial}")
+        if not (math.isfinite(self.backoff_cap) and self.backoff_cap >= self.backoff_initial):
+            raise ValueError(
+                f"backoff cap must be at least the initial delay ({self.backoff_initial}), "
+                f"got {self.backoff_cap}"
+            )
+        if not (math.isfinite(self.graceful_timeout) and self.graceful_timeout >= 0):
+            raise ValueError(f"graceful timeout must be >= 0, got {self.graceful_timeout}")
+
+    @property
+    def ft_host_port(self) -> tuple[str, int]:
+        return parse_address(self.ft_addr)

@@ -1,0 +1,121 @@
+"""The feed consumer: one gRPC session, and the supervisor that keeps retrying it.
+
+Core runs on Trio; grpclib is asyncio-only. trio-asyncio bridges the two: each
+session (open channel, open stream, read until it ends) is one asyncio coroutine,
+wrapped once with :func:`trio_asyncio.aio_as_trio`. Driving the channel piecewise
+from Trio would leak it on cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+import trio
+import trio_asyncio
+from grpclib.client import Channel
+from grpclib.const import Cardinality
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+
+from quotopia._proto import Quote, StreamQuotesRequest
+from quotopia.core.backoff import Backoff
+from quotopia.core.config import CoreConfig
+from quotopia.core.store import QuoteStore
+
+__all__ = ["FeedEnded", "Session", "grpc_session", "supervise_feed"]
+
+logger = logging.getLogger("quotopia.core")
+
+#: One feed session: connect, stream into the store, return when the stream ends.
+Session = Callable[[CoreConfig, QuoteStore], Awaitable[None]]
+
+#: Failures that are part of normal life (FT down, restarting, unreachable):
+#: logged as one line, without a traceback.
+EXPECTED_FAILURES: tuple[type[Exception], ...] = (
+    OSError,
+    GRPCError,
+    StreamTerminatedError,
+    ProtocolError,
+    asyncio.TimeoutError,
+)
+
+
+class FeedEnded(Exception):
+    """FT ended the stream normally (for example, it is shutting down)."""
+
+
+async def _aio_session(config: CoreConfig, store: QuoteStore) -> None:
+    """One gRPC session, entirely on the asyncio side."""
+    host, port = config.ft_host_port
+    channel = Channel(host, port)
+    try:
+        async with channel.request(
+            "/QuoteService/StreamQuotes", Cardinality.UNARY_STREAM, StreamQuotesRequest, Quote
+        ) as stream:
+            await stream.send_message(StreamQuotesRequest(), end=True)
+            await stream.recv_initial_metadata()
+            store.feed_up()
+            logger.info("connected to FT at %s", config.ft_addr)
+            async for quote in stream:
+                store.apply(quote.symbol, quote.price, quote.time, quote.change_percent, quote.sequence)
+        raise FeedEnded("FT ended the stream")
+    finally:
+        channel.close()
+
+
+async def grpc_session(config: CoreConfig, store: QuoteStore) -> None:
+    """Run one gRPC session from Trio (requires a running trio-asyncio loop)."""
+    await trio_asyncio.aio_as_trio(_aio_session)(config, store)
+
+
+async def supervise_feed(
+    config: CoreConfig,
+    store: QuoteStore,
+    *,
+    session: Session = grpc_session,
+    rng: random.Random | None = None,
+) -> None:
+    """Keep a session to FT open forever, reconnecting with backoff after each loss.
+
+    Returns only by cancellation. The delay resets after a session that delivered data.
+
+    Error handling: expected failures (see :data:`EXPECTED_FAILURES`) are logged as
+    one WARNING line; anything else is a bug, logged at ERROR with its traceback,
+    and retried all the same so one bad message cannot take the feed down for good.
+    """
+    backoff = Backoff(config.backoff_initial, config.backoff_cap, rng=rng)
+    logger.info("connecting to FT at %s", config.ft_addr)
+    while True:
+        received = store.updates
+        try:
+            await session(config, store)
+            reason = "stream ended"
+        except FeedEnded as exc:
+            reason = str(exc)
+        except EXPECTED_FAILURES as exc:
+            reason = _describe(exc)
+        except Exception as exc:
+            logger.error("feed session failed unexpectedly", exc_info=exc)
+            reason = f"unexpected {type(exc).__name__}"
+        was_connected = store.connected
+        store.feed_down()
+        if store.updates > received:
+            backoff.reset()
+        delay = backoff.next_delay()
+        if was_connected:
+            logger.warning("feed lost: %s; retrying in %.2fs", reason, delay)
+        else:
+            logger.info("FT unavailable: %s; retrying in %.2fs", reason, delay)
+        await trio.sleep(delay)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, GRPCError):
+        return f"gRPC status {exc.status.name}: {exc.message}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, StreamTerminatedError):
+        return "connection lost"
+    return str(exc) or type(exc).__name__

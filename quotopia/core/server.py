@@ -1,0 +1,94 @@
+"""Core's task tree: the HTTP server and the feed consumer, side by side.
+
+::
+
+    serve() ── trio
+      trio_asyncio.open_loop()       (grpclib needs an asyncio loop)
+        nursery
+        ├─ hypercorn.trio.serve ...... the quart-trio app; returns on shutdown_trigger
+        └─ supervise_feed ............ reconnect loop → one gRPC session → store
+
+When the HTTP server returns (after finishing in-flight requests), the nursery is
+cancelled, which stops the feed consumer. If either task crashes, the other is
+cancelled and the error propagates: nothing runs unsupervised.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import trio
+import trio_asyncio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from quart_trio import QuartTrio
+
+from quotopia.core.app import create_app
+from quotopia.core.config import CoreConfig
+from quotopia.core.feed import Session, grpc_session, supervise_feed
+from quotopia.core.store import QuoteStore
+
+__all__ = ["serve", "wait_for_signal"]
+
+logger = logging.getLogger("quotopia.core")
+
+
+async def wait_for_signal() -> None:
+    """Return when the process gets SIGTERM or SIGINT: Core's usual shutdown trigger."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            logger.info("received %s, shutting down", signal.Signals(signum).name)
+            return
+
+
+async def serve(
+    config: CoreConfig,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    session: Session = grpc_session,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run Core until ``shutdown_trigger`` returns or until cancelled.
+
+    Calls ``task_status.started(port)`` once listening, with the real port.
+    """
+    store = QuoteStore()
+    app = create_app(store)
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            _serve_http, app, _hypercorn_config(config), shutdown_trigger, nursery.cancel_scope
+        )
+        port = int(binds[0].rsplit(":", 1)[1])
+        logger.info("Core listening on http://%s:%d, feed from FT at %s", config.host, port, config.ft_addr)
+        nursery.start_soon(partial(supervise_feed, config, store, session=session))
+        task_status.started(port)
+    logger.info("Core stopped")
+
+
+async def _serve_http(
+    app: QuartTrio,
+    config: HypercornConfig,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    siblings: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    """Serve HTTP until the trigger fires, then stop the siblings (the feed)."""
+    try:
+        await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+    finally:
+        siblings.cancel()
+
+
+def _hypercorn_config(config: CoreConfig) -> HypercornConfig:
+    hc = HypercornConfig()
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    hc.bind = [f"{host}:{config.port}"]
+    hc.accesslog = None
+    # Hand hypercorn our logger, so its lines share our format.
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.graceful_timeout = config.graceful_timeout
+    return hc

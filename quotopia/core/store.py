@@ -1,0 +1,88 @@
+"""Core's state: the latest quote per symbol and the feed's health.
+
+The feed consumer is the only writer; HTTP handlers only read. Nothing here awaits,
+so a read never sees a half-applied update. The JSON of ``GET /quotes`` is rendered
+once per update, not once per request.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+__all__ = ["QuoteStore", "StoredQuote"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredQuote:
+    symbol: str
+    price: float
+    time: datetime | None
+    change_percent: float
+    sequence: int
+    #: When Core received it, on the store's (monotonic) clock.
+    received_at: float
+
+
+class QuoteStore:
+    """The latest quote per symbol plus the feed's connection state.
+
+    ``clock`` is a monotonic clock in seconds; tests pass a fake one.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._quotes: dict[str, StoredQuote] = {}
+        self._quotes_json: bytes | None = b"{}"
+        #: Is a stream from FT open right now?
+        self.connected = False
+        #: How many times the feed was (re)established after a loss.
+        self.reconnects = 0
+        #: Quotes applied since start.
+        self.updates = 0
+        self._ever_connected = False
+        self._last_update: float | None = None
+
+    def apply(self, symbol: str, price: float, time: datetime | None, change_percent: float, sequence: int) -> None:
+        """Record one quote from the feed."""
+        now = self._clock()
+        self._quotes[symbol.upper()] = StoredQuote(symbol, price, time, change_percent, sequence, now)
+        self._quotes_json = None
+        self._last_update = now
+        self.updates += 1
+
+    def feed_up(self) -> None:
+        if self._ever_connected:
+            self.reconnects += 1
+        self._ever_connected = True
+        self.connected = True
+
+    def feed_down(self) -> None:
+        self.connected = False
+
+    def get(self, symbol: str) -> StoredQuote | None:
+        """The latest quote of ``symbol``, matched case-insensitively."""
+        return self._quotes.get(symbol.upper())
+
+    def age(self, quote: StoredQuote) -> float:
+        """Seconds since Core received ``quote``."""
+        return max(0.0, self._clock() - quote.received_at)
+
+    def quotes_json(self) -> bytes:
+        """``{"BTC": 95432.12, ...}``: every symbol's latest price, sorted by symbol."""
+        if self._quotes_json is None:
+            prices = {q.symbol: q.price for q in sorted(self._quotes.values(), key=lambda q: q.symbol)}
+            self._quotes_json = json.dumps(prices).encode()
+        return self._quotes_json
+
+    def feed_status(self) -> dict[str, object]:
+        """The ``feed`` object of ``GET /health``."""
+        age = None if self._last_update is None else round(self._clock() - self._last_update, 3)
+        return {
+            "connected": self.connected,
+            "last_update_age_seconds": age,
+            "reconnects": self.reconnects,
+        }

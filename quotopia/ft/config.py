@@ -1,0 +1,40 @@
+"""FT's one frozen, validated configuration object."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from quotopia.market import DEFAULT_SYMBOLS, Instrument, parse_symbols
+
+__all__ = ["FTConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class FTConfig:
+    """Everything FT needs to run. Invalid values raise :class:`ValueError`."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on all interfaces
+    #: 0 asks the OS for a free port; :func:`quotopia.ft.serve` reports the real one.
+    port: int = 50051
+    #: Seconds between two price updates.
+    tick_interval: float = 1.0
+    #: Seed of the random walk; None seeds from the OS (a different path every run).
+    seed: int | None = None
+    instruments: tuple[Instrument, ...] = field(default_factory=lambda: parse_symbols(DEFAULT_SYMBOLS))
+    #: How long a SIGTERM waits for open streams to end before cutting them.
+    drain_timeout: float = 5.0
+    #: Ticks a subscriber may fall behind before it is disconnected as a slow consumer.
+    subscriber_buffer: int = 16
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, got {self.port}")
+        if not (math.isfinite(self.tick_interval) and self.tick_interval > 0):
+            raise ValueError(f"tick interval must be a positive number of seconds, got {self.tick_interval}")
+        if not (math.isfinite(self.drain_timeout) and self.drain_timeout >= 0):
+            raise ValueError(f"drain timeout must be >= 0 seconds, got {self.drain_timeout}")
+        if self.subscriber_buffer < 1:
+            raise ValueError(f"subscriber buffer must be at least 1, got {self.subscriber_buffer}")
+        if not self.instruments:
+            raise ValueError("at least one symbol is needed")

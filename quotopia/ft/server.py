@@ -1,0 +1,199 @@
+"""FT's task tree: the generator, the gRPC server and the shutdown path.
+
+::
+
+    serve() ── task group (asyncio backend)
+      ├─ signal watcher ..... SIGTERM/SIGINT → start the drain   (only if asked)
+      ├─ generator .......... every tick: market.step() → broadcaster.publish()
+      └─ grpclib server ..... QuoteService + grpc.health.v1 + reflection
+
+The drain on shutdown: mark health NOT_SERVING, refuse new streams, end every open
+stream with status OK, wait for subscribers to leave (bounded by ``drain_timeout``),
+then close the server. grpclib's ``Server.close()`` alone would cancel handlers
+mid-stream and leave connections half-open.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+
+import anyio
+from anyio.abc import TaskStatus
+from grpclib.health.check import ServiceStatus
+from grpclib.health.service import Health
+from grpclib.health.v1 import health_pb2
+from grpclib.reflection.service import ServerReflection
+from grpclib.reflection.v1 import reflection_pb2
+from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
+from grpclib.server import Server
+
+from quotopia import _proto
+from quotopia._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
+from quotopia.ft.broadcast import Broadcaster
+from quotopia.ft.config import FTConfig
+from quotopia.ft.service import QuoteService
+from quotopia.market import Market, Quote
+
+__all__ = ["serve", "wait_for_signal"]
+
+logger = logging.getLogger("quotopia.ft")
+
+
+async def wait_for_signal() -> None:
+    """Return when the process gets SIGTERM or SIGINT: FT's usual shutdown trigger."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            logger.info("received %s, draining", signal.Signals(signum).name)
+            return
+
+
+async def serve(
+    config: FTConfig,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run FT until ``shutdown_trigger`` returns (then drain) or until cancelled.
+
+    Calls ``task_status.started(port)`` once listening, with the real port (useful
+    with ``port=0``). Must run on AnyIO's asyncio backend: grpclib is asyncio-only.
+    """
+    market = Market(config.instruments, config.seed)
+    broadcaster: Broadcaster[_proto.Quote] = Broadcaster(config.subscriber_buffer)
+    quotes = QuoteService(market.symbols, broadcaster)
+    serving = ServiceStatus()
+    health = Health({quotes: [serving]})
+    server = Server(ServerReflection.extend([quotes, health], pool=_descriptor_pool()))
+
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(_run_server, server, config.host, config.port)
+        await tg.start(_generate, market, broadcaster, config)
+        serving.set(True)
+        logger.info(
+            "FT listening on %s:%d (symbols %s, tick %gs)",
+            config.host,
+            port,
+            ",".join(market.symbols),
+            config.tick_interval,
+        )
+        task_status.started(port)
+
+        if shutdown_trigger is None:
+            await anyio.sleep_forever()
+        await shutdown_trigger()
+
+        serving.set(False)
+        broadcaster.close()
+        with anyio.move_on_after(config.drain_timeout) as drain:
+            await broadcaster.wait_empty()
+        if drain.cancelled_caught:
+            logger.warning(
+                "drain deadline (%gs) passed with %d streams still open; cutting them",
+                config.drain_timeout,
+                broadcaster.subscriber_count,
+            )
+        tg.cancel_scope.cancel()
+    logger.info("FT stopped")
+
+
+async def _run_server(
+    server: Server, host: str, port: int, *, task_status: TaskStatus[int]
+) -> None:
+    """Own the grpclib server: listen, report the port, close it when cancelled."""
+    with _listening_socket(host, port) as sock:
+        await server.start(sock=sock)
+        try:
+            task_status.started(sock.getsockname()[1])
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                server.close()
+                await server.wait_closed()
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """Bind a TCP socket ourselves, so port 0 works and the real port is known."""
+    family, _, _, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    return socket.create_server(addr, family=family, backlog=1024)
+
+
+async def _generate(
+    market: Market,
+    broadcaster: Broadcaster[_proto.Quote],
+    config: FTConfig,
+    *,
+    task_status: TaskStatus[None],
+) -> None:
+    """Publish the opening prices, then one step of the walk every tick interval.
+
+    Ticks follow a fixed schedule (no drift); if the process falls more than a tick
+    behind, the schedule restarts from now instead of firing a burst of catch-up ticks.
+    """
+    broadcaster.publish(_to_proto(market.open(_now())))
+    task_status.started()
+    interval = config.tick_interval
+    decimals = {i.symbol: i.decimals for i in config.instruments}
+    previous = {q.symbol: q.price for q in broadcaster.latest.values()}
+    next_tick = anyio.current_time() + interval
+    while True:
+        await anyio.sleep_until(next_tick)
+        step = market.step(_now())
+        broadcaster.publish(_to_proto(step))
+        _log_moves(step, previous, decimals)
+        next_tick += interval
+        now = anyio.current_time()
+        if next_tick < now - interval:
+            next_tick = now + interval
+
+
+def _to_proto(quotes: Iterable[Quote]) -> tuple[_proto.Quote, ...]:
+    return tuple(
+        _proto.Quote(
+            symbol=q.symbol,
+            price=q.price,
+            time=q.time,
+            change_percent=q.change_percent,
+            sequence=q.sequence,
+        )
+        for q in quotes
+    )
+
+
+def _log_moves(quotes: Iterable[Quote], previous: dict[str, float], decimals: dict[str, int]) -> None:
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    for q in quotes:
+        old = previous.get(q.symbol, q.price)
+        previous[q.symbol] = q.price
+        digits = decimals[q.symbol]
+        logger.info(
+            "%s: %.*f → %.*f (%+.2f%%)", q.symbol, digits, old, digits, q.price, q.change_percent
+        )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _descriptor_pool() -> object:
+    """betterproto2's descriptor pool, plus grpclib's health and reflection files.
+
+    Reflection must see every service it lists, so all three live in one pool.
+    """
+    pool = default_google_proto_descriptor_pool
+    for file in (
+        health_pb2.DESCRIPTOR,
+        reflection_pb2.DESCRIPTOR,
+        reflection_v1alpha_pb2.DESCRIPTOR,
+    ):
+        try:
+            pool.FindFileByName(file.name)
+        except KeyError:
+            pool.AddSerializedFile(file.serialized_pb)
+    return pool
