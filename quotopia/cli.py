@@ -31,16 +31,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
 def _typed(convert: Callable[[str], T], what: str) -> Callable[[str], T]:
     def parse(text: str) -> T:
         try:
             return convert(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
+            raise argparse.ArgumentTypeError(f"bad {what}: {exc}") from None
 
     parse.__name__ = what  # argparse names the type in its message
     return parse
@@ -53,14 +49,39 @@ def _port(text: str) -> int:
     return port
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+PORT = _typed(_port, "port")
+SECONDS = _typed(float, "seconds")
+INTEGER = _typed(int, "integer")
+ALL_INTERFACES = "0.0.0.0"  # in a container, the service must be reachable from outside
+
+
+def _option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    env: str,
+    default: str | None,
+    help: str,
+    type: Callable[[str], object] = str,
+) -> None:
+    """Add ``flag``, defaulting to ``$env`` and then to ``default``; say so in --help."""
+    shown = "random" if default is None else default
     parser.add_argument(
-        "--log-level",
-        default=_env("LOG_LEVEL", "INFO"),
-        type=str.upper,
-        choices=LOG_LEVELS,
-        help="log verbosity (env LOG_LEVEL; default %(default)s)",
+        flag,
+        type=type,
+        default=os.environ.get(env, default),
+        help=f"{help} (env {env}; default: {shown})",
     )
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    _option(parser, "--log-level", "LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", _log_level)
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"log level must be one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,43 +90,71 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quotopia: a gRPC price feed (ft) and an HTTP quote service (core).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     ft = commands.add_parser(
         "ft",
         help="run FT, the gRPC price feed",
-        description="Run FT: simulate prices and stream them over gRPC (QuoteService/StreamQuotes).",
+        description="Run FT: simulate prices and stream them over gRPC "
+        "(QuoteService/StreamQuotes). SIGTERM or Ctrl-C drains open streams and exits 0.",
     )
-    ft.add_argument("--host", default=_env("FT_HOST", "0.0.0.0"), help="address to listen on (env FT_HOST; default %(default)s)")  # noqa: S104
-    ft.add_argument("--port", type=_typed(_port, "port"), default=_env("FT_PORT", "50051"), help="port to listen on, 0 for any free port (env FT_PORT; default %(default)s)")
-    ft.add_argument("--tick-interval", type=_typed(float, "seconds"), default=_env("FT_TICK_INTERVAL", "1"), help="seconds between price updates (env FT_TICK_INTERVAL; default %(default)s)")
-    ft.add_argument("--seed", type=_typed(int, "integer"), default=os.environ.get("FT_SEED"), help="seed of the random walk, for a repeatable price path (env FT_SEED; default: random)")
-    ft.add_argument("--symbols", type=_typed(parse_symbols, "symbols"), default=_env("FT_SYMBOLS", DEFAULT_SYMBOLS), help="instruments as SYMBOL=PRICE[:TICK],... (env FT_SYMBOLS; default %(default)s)")
-    ft.add_argument("--drain-timeout", type=_typed(float, "seconds"), default=_env("FT_DRAIN_TIMEOUT", "5"), help="on SIGTERM, seconds to let open streams end before cutting them (env FT_DRAIN_TIMEOUT; default %(default)s)")
-    _add_common(ft)
+    _option(ft, "--host", "FT_HOST", ALL_INTERFACES, "address to listen on")
+    _option(ft, "--port", "FT_PORT", "50051", "port to listen on; 0 picks a free one", PORT)
+    _option(
+        ft, "--tick-interval", "FT_TICK_INTERVAL", "1", "seconds between price updates", SECONDS
+    )
+    _option(
+        ft, "--seed", "FT_SEED", None, "seed of the random walk, for a repeatable path", INTEGER
+    )
+    _option(
+        ft,
+        "--symbols",
+        "FT_SYMBOLS",
+        DEFAULT_SYMBOLS,
+        "instruments as SYMBOL=PRICE[:TICK],... (tick size defaults to 0.01)",
+        _typed(parse_symbols, "symbols"),
+    )
+    _option(
+        ft,
+        "--drain-timeout",
+        "FT_DRAIN_TIMEOUT",
+        "5",
+        "on shutdown, seconds open streams get to end before they are cut",
+        SECONDS,
+    )
+    _add_log_level(ft)
 
     core = commands.add_parser(
         "core",
         help="run Core, the HTTP quote service",
-        description="Run Core: consume FT's stream and serve the latest prices over HTTP.",
+        description="Run Core: consume FT's stream and serve the latest prices over HTTP. "
+        "SIGTERM or Ctrl-C finishes in-flight requests and exits 0.",
     )
-    core.add_argument("--host", default=_env("CORE_HOST", "0.0.0.0"), help="address to listen on (env CORE_HOST; default %(default)s)")  # noqa: S104
-    core.add_argument("--port", type=_typed(_port, "port"), default=_env("CORE_PORT", "8080"), help="port to listen on, 0 for any free port (env CORE_PORT; default %(default)s)")
-    core.add_argument("--ft-addr", default=_env("FT_ADDR", "127.0.0.1:50051"), help="FT's address as HOST:PORT (env FT_ADDR; default %(default)s)")
-    core.add_argument("--backoff-cap", type=_typed(float, "seconds"), default=_env("CORE_BACKOFF_CAP", "5"), help="longest delay between reconnect attempts (env CORE_BACKOFF_CAP; default %(default)s)")
-    _add_common(core)
+    _option(core, "--host", "CORE_HOST", ALL_INTERFACES, "address to listen on")
+    _option(core, "--port", "CORE_PORT", "8080", "port to listen on; 0 picks a free one", PORT)
+    _option(core, "--ft-addr", "FT_ADDR", "127.0.0.1:50051", "FT's address, HOST:PORT")
+    _option(
+        core,
+        "--backoff-cap",
+        "CORE_BACKOFF_CAP",
+        "5",
+        "longest wait, in seconds, between attempts to reconnect to FT",
+        SECONDS,
+    )
+    _add_log_level(core)
 
     up = commands.add_parser(
         "up",
         help="run FT and Core together, for local use",
-        description=(
-            "Start FT and Core as child processes and prefix their log lines. Each child "
-            "reads its usual environment variables; Ctrl-C or SIGTERM stops both."
-        ),
+        description="Start `quotopia ft` and `quotopia core` as child processes and prefix "
+        "their log lines. Each child also reads its own environment variables (see "
+        "`quotopia ft --help`, `quotopia core --help`). Ctrl-C or SIGTERM stops both.",
     )
-    up.add_argument("--ft-port", type=_typed(_port, "port"), default=_env("FT_PORT", "50051"), help="FT's port (env FT_PORT; default %(default)s)")
-    up.add_argument("--core-port", type=_typed(_port, "port"), default=_env("CORE_PORT", "8080"), help="Core's port (env CORE_PORT; default %(default)s)")
-    _add_common(up)
+    _option(up, "--ft-port", "FT_PORT", "50051", "FT's port", PORT)
+    _option(up, "--core-port", "CORE_PORT", "8080", "Core's port", PORT)
+    _add_log_level(up)
     return parser
 
 

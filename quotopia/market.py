@@ -48,7 +48,8 @@ class Instrument:
             raise ValueError(f"{self.symbol}: tick size must be positive, got {self.tick_size}")
         if not self.price.is_finite() or self.price < self.tick_size:
             raise ValueError(
-                f"{self.symbol}: price must be at least one tick ({self.tick_size}), got {self.price}"
+                f"{self.symbol}: price must be at least one tick ({self.tick_size}), "
+                f"got {self.price}"
             )
 
 

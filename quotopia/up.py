@@ -103,7 +103,7 @@ async def _supervise(commands: dict[str, Sequence[str]], env: dict[str, str]) ->
 def run_up(*, ft_port: int, core_port: int, log_level: str) -> int:
     """Run FT and Core until a signal arrives or one of them exits."""
     me = [sys.executable, "-m", "quotopia"]
-    commands = {
+    commands: dict[str, Sequence[str]] = {
         "ft": [*me, "ft", "--port", str(ft_port), "--log-level", log_level],
         "core": [*me, "core", "--port", str(core_port), "--log-level", log_level],
     }

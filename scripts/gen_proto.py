@@ -63,7 +63,9 @@ def stale_files(committed: Path, fresh: Path) -> list[str]:
 
     a, b = tree(committed), tree(fresh)
     differing = a ^ b
-    differing |= {name for name in a & b if not filecmp.cmp(committed / name, fresh / name, shallow=False)}
+    differing |= {
+        name for name in a & b if not filecmp.cmp(committed / name, fresh / name, shallow=False)
+    }
     return sorted(differing)
 
 

@@ -35,7 +35,9 @@ def create_app(store: QuoteStore) -> QuartTrio:
 
     @app.get("/health")
     async def health() -> Response:
-        return _json({"status": "healthy", "time": _rfc3339(datetime.now(UTC)), "feed": store.feed_status()})
+        return _json(
+            {"status": "healthy", "time": _rfc3339(datetime.now(UTC)), "feed": store.feed_status()}
+        )
 
     @app.get("/quotes")
     async def quotes() -> Response:

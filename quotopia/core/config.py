@@ -21,7 +21,7 @@ def parse_address(addr: str) -> tuple[str, int]:
 class CoreConfig:
     """Everything Core needs to run. Invalid values raise :class:`ValueError`."""
 
-    host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on all interfaces
+    host: str = "0.0.0.0"
     #: 0 asks the OS for a free port; :func:`quotopia.core.serve` reports the real one.
     port: int = 8080
     #: Where FT listens, as HOST:PORT.

@@ -59,7 +59,9 @@ async def _aio_session(config: CoreConfig, store: QuoteStore) -> None:
             store.feed_up()
             logger.info("connected to FT at %s", config.ft_addr)
             async for quote in stream:
-                store.apply(quote.symbol, quote.price, quote.time, quote.change_percent, quote.sequence)
+                store.apply(
+                    quote.symbol, quote.price, quote.time, quote.change_percent, quote.sequence
+                )
         raise FeedEnded("FT ended the stream")
     finally:
         channel.close()

@@ -62,7 +62,9 @@ async def serve(
             _serve_http, app, _hypercorn_config(config), shutdown_trigger, nursery.cancel_scope
         )
         port = int(binds[0].rsplit(":", 1)[1])
-        logger.info("Core listening on http://%s:%d, feed from FT at %s", config.host, port, config.ft_addr)
+        logger.info(
+            "Core listening on http://%s:%d, feed from FT at %s", config.host, port, config.ft_addr
+        )
         nursery.start_soon(partial(supervise_feed, config, store, session=session))
         task_status.started(port)
     logger.info("Core stopped")
@@ -78,7 +80,9 @@ async def _serve_http(
 ) -> None:
     """Serve HTTP until the trigger fires, then stop the siblings (the feed)."""
     try:
-        await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+        await hypercorn_serve(
+            app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
+        )
     finally:
         siblings.cancel()
 

@@ -46,10 +46,14 @@ class QuoteStore:
         self._ever_connected = False
         self._last_update: float | None = None
 
-    def apply(self, symbol: str, price: float, time: datetime | None, change_percent: float, sequence: int) -> None:
+    def apply(
+        self, symbol: str, price: float, time: datetime | None, change_percent: float, sequence: int
+    ) -> None:
         """Record one quote from the feed."""
         now = self._clock()
-        self._quotes[symbol.upper()] = StoredQuote(symbol, price, time, change_percent, sequence, now)
+        self._quotes[symbol.upper()] = StoredQuote(
+            symbol, price, time, change_percent, sequence, now
+        )
         self._quotes_json = None
         self._last_update = now
         self.updates += 1
@@ -74,7 +78,9 @@ class QuoteStore:
     def quotes_json(self) -> bytes:
         """``{"BTC": 95432.12, ...}``: every symbol's latest price, sorted by symbol."""
         if self._quotes_json is None:
-            prices = {q.symbol: q.price for q in sorted(self._quotes.values(), key=lambda q: q.symbol)}
+            prices = {
+                q.symbol: q.price for q in sorted(self._quotes.values(), key=lambda q: q.symbol)
+            }
             self._quotes_json = json.dumps(prices).encode()
         return self._quotes_json
 

@@ -38,7 +38,9 @@ class Subscription(Generic[Q]):
     the block unregisters the subscriber and closes its stream.
     """
 
-    def __init__(self, broadcaster: Broadcaster[Q], snapshot: tuple[Q, ...], buffer_size: int) -> None:
+    def __init__(
+        self, broadcaster: Broadcaster[Q], snapshot: tuple[Q, ...], buffer_size: int
+    ) -> None:
         self._broadcaster = broadcaster
         send, receive = anyio.create_memory_object_stream[tuple[Q, ...]](buffer_size)
         self._send = send

@@ -14,14 +14,16 @@ __all__ = ["FTConfig"]
 class FTConfig:
     """Everything FT needs to run. Invalid values raise :class:`ValueError`."""
 
-    host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on all interfaces
+    host: str = "0.0.0.0"
     #: 0 asks the OS for a free port; :func:`quotopia.ft.serve` reports the real one.
     port: int = 50051
     #: Seconds between two price updates.
     tick_interval: float = 1.0
     #: Seed of the random walk; None seeds from the OS (a different path every run).
     seed: int | None = None
-    instruments: tuple[Instrument, ...] = field(default_factory=lambda: parse_symbols(DEFAULT_SYMBOLS))
+    instruments: tuple[Instrument, ...] = field(
+        default_factory=lambda: parse_symbols(DEFAULT_SYMBOLS)
+    )
     #: How long a SIGTERM waits for open streams to end before cutting them.
     drain_timeout: float = 5.0
     #: Ticks a subscriber may fall behind before it is disconnected as a slow consumer.
@@ -31,7 +33,9 @@ class FTConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if not (math.isfinite(self.tick_interval) and self.tick_interval > 0):
-            raise ValueError(f"tick interval must be a positive number of seconds, got {self.tick_interval}")
+            raise ValueError(
+                f"tick interval must be a positive number of seconds, got {self.tick_interval}"
+            )
         if not (math.isfinite(self.drain_timeout) and self.drain_timeout >= 0):
             raise ValueError(f"drain timeout must be >= 0 seconds, got {self.drain_timeout}")
         if self.subscriber_buffer < 1:

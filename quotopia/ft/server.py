@@ -82,9 +82,7 @@ async def serve(
         )
         task_status.started(port)
 
-        if shutdown_trigger is None:
-            await anyio.sleep_forever()
-        await shutdown_trigger()
+        await (shutdown_trigger or anyio.sleep_forever)()
 
         serving.set(False)
         broadcaster.close()
@@ -165,7 +163,9 @@ def _to_proto(quotes: Iterable[Quote]) -> tuple[_proto.Quote, ...]:
     )
 
 
-def _log_moves(quotes: Iterable[Quote], previous: dict[str, float], decimals: dict[str, int]) -> None:
+def _log_moves(
+    quotes: Iterable[Quote], previous: dict[str, float], decimals: dict[str, int]
+) -> None:
     if not logger.isEnabledFor(logging.INFO):
         return
     for q in quotes:

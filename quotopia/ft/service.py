@@ -56,7 +56,9 @@ class QuoteService:
             if symbol is None:
                 shown = name if len(name) <= 64 else name[:64] + "..."
                 known = ", ".join(self._canonical.values())
-                raise GRPCError(Status.INVALID_ARGUMENT, f"unknown symbol {shown!r} (known: {known})")
+                raise GRPCError(
+                    Status.INVALID_ARGUMENT, f"unknown symbol {shown!r} (known: {known})"
+                )
             wanted.add(symbol)
         return frozenset(wanted)
 
@@ -93,7 +95,9 @@ class QuoteService:
                 self._broadcaster.subscriber_count,
             )
         if sub.slow:
-            raise GRPCError(Status.RESOURCE_EXHAUSTED, "slow consumer: the client fell too far behind")
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED, "slow consumer: the client fell too far behind"
+            )
         # Returning ends the stream with status OK: the broadcaster closed (a drain).
 
 
