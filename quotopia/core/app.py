@@ -53,7 +53,7 @@ def create_app(store: QuoteStore) -> QuartTrio:
                 "symbol": found.symbol,
                 "price": found.price,
                 "time": None if found.time is None else _rfc3339_precise(found.time),
-                "change_percent": found.change_percent,
+                "change_percent": round(found.change_percent, 4),
                 "sequence": found.sequence,
                 "age_seconds": round(store.age(found), 3),
             }
