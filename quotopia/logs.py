@@ -22,5 +22,8 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # hypercorn announces its own bind; ours says more. Keep its warnings and errors.
-    logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, root.level))
+    # Our own lines already say what these libraries announce at INFO (hypercorn's
+    # bind, grpclib's "Request was cancelled", asyncio's debug-mode "is serving").
+    # Keep their warnings and errors.
+    for chatty in ("hypercorn.error", "grpclib", "asyncio"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
