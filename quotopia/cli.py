@@ -15,6 +15,7 @@ from typing import NoReturn, TypeVar
 
 from quotopia import __version__
 from quotopia.core.config import CoreConfig
+from quotopia.errors import StartupError, first_leaf
 from quotopia.ft.config import FTConfig
 from quotopia.market import DEFAULT_SYMBOLS, parse_symbols
 
@@ -165,7 +166,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         run = _dispatch(args)
     except ValueError as exc:
         parser.exit(2, f"quotopia {args.command}: error: {exc}\n")
-    sys.exit(run())
+    try:
+        code = run()
+    except* StartupError as group:
+        parser.exit(2, f"quotopia {args.command}: error: {first_leaf(group)}\n")
+    sys.exit(code)
 
 
 def _dispatch(args: argparse.Namespace) -> Callable[[], int]:

@@ -30,6 +30,7 @@ from quotopia.core.app import create_app
 from quotopia.core.config import CoreConfig
 from quotopia.core.feed import Session, grpc_session, supervise_feed
 from quotopia.core.store import QuoteStore
+from quotopia.errors import StartupError, describe_os_error
 
 __all__ = ["serve", "wait_for_signal"]
 
@@ -58,9 +59,14 @@ async def serve(
     store = QuoteStore()
     app = create_app(store)
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            _serve_http, app, _hypercorn_config(config), shutdown_trigger, nursery.cancel_scope
-        )
+        try:
+            binds = await nursery.start(
+                _serve_http, app, _hypercorn_config(config), shutdown_trigger, nursery.cancel_scope
+            )
+        except* OSError as group:
+            raise StartupError(
+                f"cannot listen on {config.host}:{config.port}: {describe_os_error(group)}"
+            ) from None
         port = int(binds[0].rsplit(":", 1)[1])
         logger.info(
             "Core listening on http://%s:%d, feed from FT at %s", config.host, port, config.ft_addr

@@ -33,6 +33,7 @@ from grpclib.server import Server
 
 from quotopia import _proto
 from quotopia._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
+from quotopia.errors import StartupError, describe_os_error
 from quotopia.ft.broadcast import Broadcaster
 from quotopia.ft.config import FTConfig
 from quotopia.ft.service import QuoteService
@@ -102,7 +103,11 @@ async def _run_server(
     server: Server, host: str, port: int, *, task_status: TaskStatus[int]
 ) -> None:
     """Own the grpclib server: listen, report the port, close it when cancelled."""
-    with _listening_socket(host, port) as sock:
+    try:
+        sock = _listening_socket(host, port)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {describe_os_error(exc)}") from None
+    with sock:
         await server.start(sock=sock)
         try:
             task_status.started(sock.getsockname()[1])
