@@ -190,10 +190,15 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
         def run_ft() -> int:
             import anyio
 
-            from quotopia.ft.server import serve, wait_for_signal
+            from quotopia.ft.server import logger, serve
+            from quotopia.shutdown import shutdown_on_signals
+
+            async def main() -> None:
+                async with shutdown_on_signals(logger) as trigger:
+                    await serve(ft_config, shutdown_trigger=trigger)
 
             logs.configure(args.log_level)
-            anyio.run(lambda: serve(ft_config, shutdown_trigger=wait_for_signal), backend="asyncio")
+            anyio.run(main, backend="asyncio")
             return 0
 
         return run_ft
@@ -206,10 +211,15 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
         def run_core() -> int:
             import trio
 
-            from quotopia.core.server import serve, wait_for_signal
+            from quotopia.core.server import logger, serve
+            from quotopia.shutdown import shutdown_on_signals
+
+            async def main() -> None:
+                async with shutdown_on_signals(logger) as trigger:
+                    await serve(core_config, shutdown_trigger=trigger)
 
             logs.configure(args.log_level)
-            trio.run(lambda: serve(core_config, shutdown_trigger=wait_for_signal))
+            trio.run(main)
             return 0
 
         return run_core

@@ -2,11 +2,13 @@
 
 ::
 
-    serve() ── trio
-      trio_asyncio.open_loop()       (grpclib needs an asyncio loop)
-        nursery
-        ├─ hypercorn.trio.serve ...... the quart-trio app; returns on shutdown_trigger
-        └─ supervise_feed ............ reconnect loop → one gRPC session → store
+    quotopia core ── trio.run
+      shutdown_on_signals ............ signal watcher: SIGTERM/SIGINT → shutdown_trigger returns
+        serve()
+          trio_asyncio.open_loop()     (grpclib needs an asyncio loop)
+            nursery
+            ├─ hypercorn.trio.serve .. the quart-trio app; returns on shutdown_trigger
+            └─ supervise_feed ........ reconnect loop → one gRPC session → store
 
 When the HTTP server returns (after finishing in-flight requests), the nursery is
 cancelled, which stops the feed consumer. If either task crashes, the other is
@@ -16,7 +18,6 @@ cancelled and the error propagates: nothing runs unsupervised.
 from __future__ import annotations
 
 import logging
-import signal
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -32,17 +33,9 @@ from quotopia.core.feed import Session, grpc_session, supervise_feed
 from quotopia.core.store import QuoteStore
 from quotopia.errors import StartupError, describe_os_error
 
-__all__ = ["serve", "wait_for_signal"]
+__all__ = ["serve"]
 
 logger = logging.getLogger("quotopia.core")
-
-
-async def wait_for_signal() -> None:
-    """Return when the process gets SIGTERM or SIGINT: Core's usual shutdown trigger."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            logger.info("received %s, shutting down", signal.Signals(signum).name)
-            return
 
 
 async def serve(

@@ -2,10 +2,12 @@
 
 ::
 
-    serve() ── task group (asyncio backend)
-      ├─ signal watcher ..... SIGTERM/SIGINT → start the drain   (only if asked)
-      ├─ generator .......... every tick: market.step() → broadcaster.publish()
-      └─ grpclib server ..... QuoteService + grpc.health.v1 + reflection
+    quotopia ft ── anyio.run(backend="asyncio")
+      shutdown_on_signals ...... signal watcher: SIGTERM/SIGINT → shutdown_trigger returns
+        serve() ── task group
+          ├─ grpclib server .... QuoteService + grpc.health.v1 + reflection
+          │    └─ one handler per stream (quotopia.ft.service)
+          └─ generator ......... every tick: market.step() → broadcaster.publish()
 
 The drain on shutdown: mark health NOT_SERVING, refuse new streams, end every open
 stream with status OK, wait for subscribers to leave (bounded by ``drain_timeout``),
@@ -16,7 +18,6 @@ mid-stream and leave connections half-open.
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
@@ -39,17 +40,9 @@ from quotopia.ft.config import FTConfig
 from quotopia.ft.service import QuoteService
 from quotopia.market import Market, Quote
 
-__all__ = ["serve", "wait_for_signal"]
+__all__ = ["serve"]
 
 logger = logging.getLogger("quotopia.ft")
-
-
-async def wait_for_signal() -> None:
-    """Return when the process gets SIGTERM or SIGINT: FT's usual shutdown trigger."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            logger.info("received %s, draining", signal.Signals(signum).name)
-            return
 
 
 async def serve(
