@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _gen_proto() -> ModuleType:
     spec = importlib.util.spec_from_file_location("gen_proto", ROOT / "scripts" / "gen_proto.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -54,7 +55,8 @@ def test_contract_field_numbers_and_method_path() -> None:
     file = _proto.Quote.DESCRIPTOR.file
     assert file.package == ""
     method = file.services_by_name["QuoteService"].methods_by_name["StreamQuotes"]
-    assert method.server_streaming and not method.client_streaming
+    assert method.server_streaming
+    assert not method.client_streaming
     assert _proto.QuoteServiceBase().__mapping__().keys() == {"/QuoteService/StreamQuotes"}
 
 
