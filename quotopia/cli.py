@@ -144,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
         "longest wait, in seconds, between attempts to reconnect to FT",
         SECONDS,
     )
+    _option(
+        core,
+        "--feed-timeout",
+        "CORE_FEED_TIMEOUT",
+        "5",
+        "seconds without data from FT before the feed counts as lost; keep it above "
+        "FT's tick interval",
+        SECONDS,
+    )
     _add_log_level(core)
 
     up = commands.add_parser(
@@ -205,7 +214,11 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
 
     if args.command == "core":
         core_config = CoreConfig(
-            host=args.host, port=args.port, ft_addr=args.ft_addr, backoff_cap=args.backoff_cap
+            host=args.host,
+            port=args.port,
+            ft_addr=args.ft_addr,
+            backoff_cap=args.backoff_cap,
+            feed_timeout=args.feed_timeout,
         )
 
         def run_core() -> int:

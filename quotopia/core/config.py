@@ -30,6 +30,10 @@ class CoreConfig:
     backoff_initial: float = 0.1
     #: Longest reconnect delay, in seconds.
     backoff_cap: float = 5.0
+    #: Seconds without any data from FT (while connecting, or between two quotes)
+    #: after which the feed counts as lost and is reconnected. Keep it above FT's
+    #: tick interval.
+    feed_timeout: float = 5.0
     #: Seconds in-flight HTTP requests get to finish on shutdown.
     graceful_timeout: float = 1.0
 
@@ -44,6 +48,8 @@ class CoreConfig:
                 f"backoff cap must be at least the initial delay ({self.backoff_initial}), "
                 f"got {self.backoff_cap}"
             )
+        if not (math.isfinite(self.feed_timeout) and self.feed_timeout > 0):
+            raise ValueError(f"feed timeout must be positive, got {self.feed_timeout}")
         if not (math.isfinite(self.graceful_timeout) and self.graceful_timeout >= 0):
             raise ValueError(f"graceful timeout must be >= 0, got {self.graceful_timeout}")
 

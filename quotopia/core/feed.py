@@ -24,7 +24,7 @@ from quotopia.core.backoff import Backoff
 from quotopia.core.config import CoreConfig
 from quotopia.core.store import QuoteStore
 
-__all__ = ["FeedEnded", "Session", "grpc_session", "supervise_feed"]
+__all__ = ["FeedEnded", "FeedStalled", "Session", "grpc_session", "supervise_feed"]
 
 logger = logging.getLogger("quotopia.core")
 
@@ -38,7 +38,6 @@ EXPECTED_FAILURES: tuple[type[Exception], ...] = (
     GRPCError,
     StreamTerminatedError,
     ProtocolError,
-    asyncio.TimeoutError,
 )
 
 
@@ -46,23 +45,37 @@ class FeedEnded(Exception):
     """FT ended the stream normally (for example, it is shutting down)."""
 
 
+class FeedStalled(Exception):
+    """Nothing arrived from FT within the feed timeout (FT frozen, or the network)."""
+
+
 async def _aio_session(config: CoreConfig, store: QuoteStore) -> None:
-    """One gRPC session, entirely on the asyncio side."""
+    """One gRPC session, entirely on the asyncio side.
+
+    A staleness deadline covers the whole session: connecting, the response
+    headers, and then every gap between two quotes. A frozen FT (``kill -STOP``)
+    keeps its TCP connection open but sends nothing, and this is how Core notices.
+    """
     host, port = config.ft_host_port
+    loop = asyncio.get_running_loop()
     channel = Channel(host, port)
     try:
-        async with channel.request(
-            "/QuoteService/StreamQuotes", Cardinality.UNARY_STREAM, StreamQuotesRequest, Quote
-        ) as stream:
-            await stream.send_message(StreamQuotesRequest(), end=True)
-            await stream.recv_initial_metadata()
-            store.feed_up()
-            logger.info("connected to FT at %s", config.ft_addr)
-            async for quote in stream:
-                store.apply(
-                    quote.symbol, quote.price, quote.time, quote.change_percent, quote.sequence
-                )
-        raise FeedEnded("FT ended the stream")
+        async with asyncio.timeout(config.feed_timeout) as deadline:
+            async with channel.request(
+                "/QuoteService/StreamQuotes", Cardinality.UNARY_STREAM, StreamQuotesRequest, Quote
+            ) as stream:
+                await stream.send_message(StreamQuotesRequest(), end=True)
+                await stream.recv_initial_metadata()
+                store.feed_up()
+                logger.info("connected to FT at %s", config.ft_addr)
+                async for quote in stream:
+                    deadline.reschedule(loop.time() + config.feed_timeout)
+                    store.apply(
+                        quote.symbol, quote.price, quote.time, quote.change_percent, quote.sequence
+                    )
+            raise FeedEnded("FT ended the stream")
+    except TimeoutError:
+        raise FeedStalled(f"no data from FT for {config.feed_timeout:g}s") from None
     finally:
         channel.close()
 
@@ -94,7 +107,7 @@ async def supervise_feed(
         try:
             await session(config, store)
             reason = "stream ended"
-        except FeedEnded as exc:
+        except (FeedEnded, FeedStalled) as exc:
             reason = str(exc)
         except EXPECTED_FAILURES as exc:
             reason = _describe(exc)
