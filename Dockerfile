@@ -1,0 +1,80 @@
+# Quotopia: one image for both services.
+#
+#   docker build -t quotopia:latest .
+#   docker run --rm -p 50051:50051 quotopia:latest              # FT (the default command)
+#   docker run --rm -p 8080:8080 -e FT_ADDR=HOST:50051 quotopia:latest core
+#
+# compose.yaml runs both from this image. Settings are the usual FT_* / CORE_* /
+# LOG_LEVEL environment variables or flags (see `quotopia ft --help`).
+
+# One pinned base for every stage: the venv built in `builder` points at this
+# image's /usr/local/bin/python3.11, so the runtime must be the very same Python.
+FROM python:3.11.17-slim-bookworm AS base
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+
+FROM base AS builder
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Build tooling (pip, hatchling), pinned, in its own venv: none of it reaches the
+# runtime image.
+RUN python -m venv /opt/build \
+ && /opt/build/bin/pip install --no-cache-dir \
+        hatchling==1.33.0 \
+        packaging==26.4 \
+        pathspec==1.1.1 \
+        pluggy==1.7.0 \
+        tomlkit==0.15.2 \
+        trove-classifiers==2026.9.21.13
+
+# The runtime venv gets no pip or setuptools of its own: the build venv's pip
+# installs into it (--python). Dependencies first, from the lock file alone, so
+# editing the code does not invalidate this layer. Binary wheels only: the slim
+# image has no compiler. (pip still byte-compiles; PYTHONDONTWRITEBYTECODE only
+# stops the non-root runtime from trying to write .pyc files.)
+COPY requirements.lock /tmp/requirements.lock
+RUN python -m venv --without-pip /opt/venv \
+ && /opt/build/bin/pip --python /opt/venv/bin/python install --no-cache-dir \
+        --only-binary=:all: -r /tmp/requirements.lock
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY quotopia ./quotopia
+# The project itself: a wheel, installed without dependencies (the lock has them all).
+RUN /opt/build/bin/pip wheel --no-cache-dir --no-build-isolation --no-deps --wheel-dir /dist . \
+ && /opt/build/bin/pip --python /opt/venv/bin/python install --no-cache-dir --no-deps \
+        /dist/quotopia-*.whl
+
+
+FROM base AS runtime
+
+# A fixed, unprivileged UID/GID, so volume permissions and policies can name it.
+RUN groupadd --system --gid 10001 quotopia \
+ && useradd --system --uid 10001 --gid quotopia --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin quotopia
+
+COPY --from=builder /opt/venv /opt/venv
+COPY scripts/healthcheck.py /app/healthcheck.py
+
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+WORKDIR /app
+USER 10001:10001
+
+# FT's gRPC port and Core's HTTP port (FT_PORT / CORE_PORT change them).
+EXPOSE 50051 8080
+
+# Both services drain on SIGTERM: FT ends open streams, Core finishes requests.
+STOPSIGNAL SIGTERM
+
+# Probes whichever service this container runs: QUOTOPIA_SERVICE if set, else the
+# command PID 1 runs (see scripts/healthcheck.py). Exit 0 healthy, 1 unhealthy.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
+    CMD ["python", "/app/healthcheck.py"]
+
+ENTRYPOINT ["quotopia"]
+CMD ["ft"]
