@@ -10,6 +10,7 @@ rounding is exact and a price can never fall below one tick.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,6 +51,11 @@ class Instrument:
             raise ValueError(
                 f"{self.symbol}: price must be at least one tick ({self.tick_size}), "
                 f"got {self.price}"
+            )
+        # Quotes are floats: a number no float can hold would overflow or round to 0.
+        if math.isinf(float(self.price)) or float(self.tick_size) == 0:
+            raise ValueError(
+                f"{self.symbol}: {self.price}:{self.tick_size} is out of a float's range"
             )
 
 

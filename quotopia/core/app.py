@@ -32,6 +32,8 @@ def _rfc3339(moment: datetime) -> str:
 def create_app(store: QuoteStore) -> QuartTrio:
     """Build the app. It only reads ``store``; the feed consumer writes it."""
     app = QuartTrio("quotopia.core")
+    # No automatic OPTIONS (an empty text/html 200): OPTIONS gets the JSON 405.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
 
     @app.get("/health")
     async def health() -> Response:

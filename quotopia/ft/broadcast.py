@@ -96,6 +96,10 @@ class Broadcaster(Generic[Q]):
         """Record one tick's quotes and hand them to every subscriber, without blocking."""
         for quote in quotes:
             self._latest[quote.symbol] = quote
+        if self._closed:
+            # close() has ended every stream already; the subscribers drain what is
+            # buffered and unregister themselves when they leave.
+            return
         for sub in list(self._subscribers):
             try:
                 sub._send.send_nowait(quotes)

@@ -40,5 +40,8 @@ class FTConfig:
             raise ValueError(f"drain timeout must be >= 0 seconds, got {self.drain_timeout}")
         if self.subscriber_buffer < 1:
             raise ValueError(f"subscriber buffer must be at least 1, got {self.subscriber_buffer}")
+        if self.seed is not None and self.seed < 0:
+            # random.Random ignores the sign: -5 and 5 would give the same path.
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not self.instruments:
             raise ValueError("at least one symbol is needed")
