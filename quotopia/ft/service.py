@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
+from h2.errors import ErrorCodes
 
 from quotopia._proto import Quote, StreamQuotesRequest
 from quotopia.ft.broadcast import Broadcaster, BroadcasterClosed
@@ -77,15 +78,20 @@ class QuoteService:
             ",".join(sorted(wanted)),
             self._broadcaster.subscriber_count,
         )
+        sending = False  # True while a message may be half-written
         try:
             with sub, sub.cancel_scope:
                 for quote in sub.snapshot:
                     if quote.symbol in wanted:
+                        sending = True
                         await stream.send_message(quote)
+                        sending = False
                 async for batch in sub.updates:
                     for quote in batch:
                         if quote.symbol in wanted:
+                            sending = True
                             await stream.send_message(quote)
+                            sending = False
         finally:
             reason = " (slow consumer)" if sub.slow else ""
             logger.info(
@@ -95,10 +101,25 @@ class QuoteService:
                 self._broadcaster.subscriber_count,
             )
         if sub.slow:
+            if sending:
+                await _reset_slow_stream(stream)
+                return
             raise GRPCError(
                 Status.RESOURCE_EXHAUSTED, "slow consumer: the client fell too far behind"
             )
         # Returning ends the stream with status OK: the broadcaster closed (a drain).
+
+
+async def _reset_slow_stream(stream: Stream[StreamQuotesRequest, Quote]) -> None:
+    """End a stream whose last message was cut off half-way, as a slow consumer.
+
+    Trailers after half a message would read as a corrupt stream, so reset it
+    instead. RST_STREAM(ENHANCE_YOUR_CALM) is what gRPC clients map to
+    RESOURCE_EXHAUSTED. grpclib's public ``Stream.cancel()`` resets with NO_ERROR
+    (which clients report as INTERNAL), hence the private attributes.
+    """
+    await stream._stream.reset(ErrorCodes.ENHANCE_YOUR_CALM)
+    stream._cancel_done = True  # tell grpclib not to send trailers after the reset
 
 
 def _peer(stream: Stream[StreamQuotesRequest, Quote]) -> str:

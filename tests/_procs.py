@@ -1,0 +1,220 @@
+"""Real quotopia processes for end-to-end tests: start, watch the logs, stop.
+
+A :class:`QuotopiaProcess` runs ``python -m quotopia ...`` with its stdout and
+stderr each read by a thread into a list of lines, so a test can wait for a log
+line with a deadline instead of sleeping and hoping. Use it as a context manager:
+whatever happens in the test, the process is killed and reaped on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import IO, TypeVar
+
+__all__ = [
+    "QuotopiaProcess",
+    "clean_env",
+    "wait_until",
+]
+
+T = TypeVar("T")
+
+#: Environment variables the CLI reads; a test must not inherit them by accident.
+_CLI_ENV_PREFIXES = ("FT_", "CORE_")
+_CLI_ENV_NAMES = ("LOG_LEVEL",)
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """The current environment without quotopia's settings, plus ``overrides``."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(_CLI_ENV_PREFIXES) and name not in _CLI_ENV_NAMES
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(overrides)
+    return env
+
+
+def wait_until(
+    probe: Callable[[], T | None],
+    timeout: float,
+    *,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> T:
+    """Call ``probe`` until it returns something other than None or False; return that.
+
+    Raises :class:`AssertionError` naming ``what`` if ``timeout`` seconds pass first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result is not None and result is not False:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class _LineReader:
+    """A thread that reads one pipe to its end, keeping every line."""
+
+    def __init__(self, pipe: IO[str], changed: threading.Condition) -> None:
+        self._pipe = pipe
+        self._changed = changed
+        self.lines: list[str] = []
+        self.closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for line in self._pipe:
+                with self._changed:
+                    self.lines.append(line.rstrip("\n"))
+                    self._changed.notify_all()
+        finally:
+            with self._changed:
+                self.closed = True
+                self._changed.notify_all()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+class QuotopiaProcess:
+    """``python -m quotopia *args``, with its output captured line by line.
+
+    Resource handling: leaving the ``with`` block kills the process if it is still
+    running, reaps it and closes its pipes.
+    """
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.args: tuple[str, ...] = args
+        self.started_at = time.monotonic()
+        self._changed = threading.Condition()
+        self._popen = subprocess.Popen(
+            [sys.executable, "-m", "quotopia", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            env=clean_env() if env is None else env,
+        )
+        assert self._popen.stdout is not None
+        assert self._popen.stderr is not None
+        self._stdout = _LineReader(self._popen.stdout, self._changed)
+        self._stderr = _LineReader(self._popen.stderr, self._changed)
+
+    def __enter__(self) -> QuotopiaProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        with self._changed:
+            return list(self._stderr.lines)
+
+    @property
+    def stdout_lines(self) -> list[str]:
+        with self._changed:
+            return list(self._stdout.lines)
+
+    def output(self) -> str:
+        """Everything captured so far, for assertion messages."""
+        out, err = self.stdout_lines, self.stderr_lines
+        parts = [f"$ quotopia {' '.join(self.args)} (exit status {self.returncode})"]
+        if out:
+            parts += ["--- stdout ---", *out]
+        if err:
+            parts += ["--- stderr ---", *err]
+        return "\n".join(parts)
+
+    def wait_for_line(
+        self, pattern: str, timeout: float, *, stream: str = "stderr", start: int = 0
+    ) -> re.Match[str]:
+        """Wait for a line of ``stream`` (from index ``start`` on) to match ``pattern``.
+
+        Raises :class:`AssertionError` with the captured output if ``timeout`` seconds
+        pass, or the stream ends, without a match.
+        """
+        regex = re.compile(pattern)
+        reader = self._stderr if stream == "stderr" else self._stdout
+        deadline = time.monotonic() + timeout
+        checked = start
+        with self._changed:
+            while True:
+                for line in reader.lines[checked:]:
+                    found = regex.search(line)
+                    if found:
+                        return found
+                checked = max(checked, len(reader.lines))
+                remaining = deadline - time.monotonic()
+                if reader.closed or remaining <= 0:
+                    why = "the stream ended" if reader.closed else f"{timeout}s passed"
+                    break
+                self._changed.wait(remaining)
+        raise AssertionError(f"{why} without a line matching {pattern!r}\n{self.output()}")
+
+    def signal(self, signum: signal.Signals) -> None:
+        if self._popen.poll() is None:
+            self._popen.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit, then for its output to be read in full."""
+        try:
+            code = self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {timeout}s later\n{self.output()}") from None
+        self._stdout.join(timeout)
+        self._stderr.join(timeout)
+        return code
+
+    def terminate(self, timeout: float) -> int:
+        """SIGTERM, then wait up to ``timeout`` seconds; return the exit status."""
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self, timeout: float = 10.0) -> int:
+        """SIGKILL and reap."""
+        self.signal(signal.SIGKILL)
+        return self.wait(timeout)
+
+    def close(self) -> None:
+        """Kill the process if it still runs, reap it, close its pipes."""
+        try:
+            if self._popen.poll() is None:
+                self._popen.kill()
+            self._popen.wait(10)
+            self._stdout.join(10)
+            self._stderr.join(10)
+        finally:
+            for pipe in (self._popen.stdout, self._popen.stderr):
+                if pipe is not None:
+                    pipe.close()
