@@ -53,6 +53,7 @@ def _port(text: str) -> int:
 PORT = _typed(_port, "port")
 SECONDS = _typed(float, "seconds")
 INTEGER = _typed(int, "integer")
+COUNT = _typed(int, "count")
 ALL_INTERFACES = "0.0.0.0"  # in a container, the service must be reachable from outside
 
 
@@ -125,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
         "on shutdown, seconds open streams get to end before they are cut",
         SECONDS,
     )
+    _option(
+        ft,
+        "--subscriber-buffer",
+        "FT_SUBSCRIBER_BUFFER",
+        "16",
+        "ticks buffered per client; a client further behind gets conflated quotes "
+        "(only the newest per symbol)",
+        COUNT,
+    )
+    _option(
+        ft,
+        "--slow-consumer-timeout",
+        "FT_SLOW_CONSUMER_TIMEOUT",
+        "10",
+        "seconds a client may stay behind before it is disconnected with RESOURCE_EXHAUSTED",
+        SECONDS,
+    )
     _add_log_level(ft)
 
     core = commands.add_parser(
@@ -194,6 +212,8 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             seed=args.seed,
             instruments=args.symbols,
             drain_timeout=args.drain_timeout,
+            subscriber_buffer=args.subscriber_buffer,
+            slow_consumer_timeout=args.slow_consumer_timeout,
         )
 
         def run_ft() -> int:

@@ -130,10 +130,11 @@ async def test_the_snapshot_is_the_latest_tick_per_symbol() -> None:
     assert set(broadcaster.latest) == {"A", "B", "C"}
 
 
-async def test_a_subscriber_that_never_reads_is_dropped_without_blocking_anyone() -> None:
+async def test_a_subscriber_that_never_reads_is_conflated_then_dropped() -> None:
     buffer_size = 4
+    timeout = 10.0
     ticks = 50
-    broadcaster = Broadcaster[Tick](buffer_size=buffer_size)
+    broadcaster = Broadcaster[Tick](buffer_size=buffer_size, slow_consumer_timeout=timeout)
     received: list[Batch] = []
     stuck_was_interrupted = anyio.Event()
     leftovers: list[Batch] = []
@@ -156,6 +157,10 @@ async def test_a_subscriber_that_never_reads_is_dropped_without_blocking_anyone(
                 received.append(update)
                 await acks.send(update[0].seq)
 
+    # The stream fills at tick buffer_size; from the next tick on the subscriber is
+    # behind, and it is dropped at the first tick more than `timeout` later.
+    behind_since = buffer_size + 1
+    dropped_at = behind_since + int(timeout) + 1
     with anyio.fail_after(DEADLINE):
         async with anyio.create_task_group() as tg:
             slow: Subscription[Tick] = await tg.start(stuck)
@@ -164,13 +169,15 @@ async def test_a_subscriber_that_never_reads_is_dropped_without_blocking_anyone(
                 await tg.start(reader, send_acks)
                 assert broadcaster.subscriber_count == 2
                 for seq in range(1, ticks + 1):
-                    broadcaster.publish(batch(seq))  # never blocks: it is not async
-                    stats = slow.updates.statistics()
-                    assert stats.current_buffer_used <= buffer_size
-                    if seq <= buffer_size:
+                    # never blocks: publish() is not async; the clock is ours
+                    broadcaster.publish(batch(seq), now=float(seq))
+                    assert slow.updates.statistics().current_buffer_used <= buffer_size
+                    assert len(slow._pending) <= 2  # at most one quote per symbol
+                    if seq < dropped_at:
                         assert not slow.slow
                         assert not slow.cancel_scope.cancel_called
                         assert broadcaster.subscriber_count == 2
+                        assert broadcaster.conflated == 2 * max(0, seq - behind_since)
                     else:
                         assert slow.slow
                         assert slow.cancel_scope.cancel_called
@@ -185,16 +192,40 @@ async def test_a_subscriber_that_never_reads_is_dropped_without_blocking_anyone(
     # What was buffered before the drop is still readable; then the stream ends.
     assert leftovers == [batch(seq) for seq in range(1, buffer_size + 1)]
     assert broadcaster.slow_disconnects == 1
+    assert broadcaster.conflated == 2 * (dropped_at - behind_since)
     assert broadcaster.subscriber_count == 0
+
+
+async def test_a_transient_stall_is_conflated_and_caught_up() -> None:
+    buffer_size = 3
+    broadcaster = Broadcaster[Tick](buffer_size=buffer_size, slow_consumer_timeout=100.0)
+    with broadcaster.subscribe() as sub:
+        # Stalled for ten ticks: three fit, the other seven are conflated into one
+        # pending batch with the newest quote per symbol.
+        for seq in range(1, 11):
+            broadcaster.publish(batch(seq, ("A", "B") if seq != 10 else ("A",)), now=float(seq))
+        assert broadcaster.conflated == 2 * 5 + 1
+        # The subscriber reads again: the buffered ticks first, in order...
+        got = [sub.updates.receive_nowait() for _ in range(buffer_size)]
+        assert got == [batch(1), batch(2), batch(3)]
+        # ...then, at the next tick, the pending batch merged with it: one quote per
+        # symbol, each the newest, with a visible gap in the sequence numbers.
+        broadcaster.publish(batch(11, ("B",)), now=11.0)
+        assert sub.updates.receive_nowait() == (Tick("A", 10), Tick("B", 11))
+        # Caught up: later ticks flow as usual.
+        broadcaster.publish(batch(12), now=12.0)
+        assert sub.updates.receive_nowait() == batch(12)
+        assert not sub.slow
+    assert broadcaster.slow_disconnects == 0
 
 
 async def test_publish_never_blocks_with_nobody_reading() -> None:
     buffer_size = 3
-    broadcaster = Broadcaster[Tick](buffer_size=buffer_size)
+    broadcaster = Broadcaster[Tick](buffer_size=buffer_size, slow_consumer_timeout=1.0)
     subs = [broadcaster.subscribe() for _ in range(5)]
     # publish() is synchronous: it returns without waiting for anybody.
     for seq in range(1, 10_001):
-        broadcaster.publish(batch(seq))
+        broadcaster.publish(batch(seq), now=seq / 100)
     for sub in subs:
         assert sub.slow
         assert sub.cancel_scope.cancel_called
@@ -204,6 +235,11 @@ async def test_publish_never_blocks_with_nobody_reading() -> None:
     assert broadcaster.slow_disconnects == len(subs)
     assert broadcaster.subscriber_count == 0
     assert broadcaster.latest == {"A": Tick("A", 10_000), "B": Tick("B", 10_000)}
+
+
+def test_slow_consumer_timeout_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="slow_consumer_timeout"):
+        Broadcaster[Tick](slow_consumer_timeout=-1)
 
 
 async def test_a_subscriber_cancelled_mid_stream_leaves_no_trace() -> None:

@@ -549,7 +549,12 @@ def _status_after_drop_with_grpcio(
 async def test_client_that_stops_reading_is_dropped_with_resource_exhausted(
     quotes_pb2: ModuleType,
 ) -> None:
-    config = ft_config(instruments=bulky_instruments(), subscriber_buffer=1, tick_interval=0.02)
+    config = ft_config(
+        instruments=bulky_instruments(),
+        subscriber_buffer=1,
+        slow_consumer_timeout=0.2,
+        tick_interval=0.02,
+    )
     dropped = threading.Event()
     with watch_ft_log() as log:
         async with running_ft(config) as ft, anyio.create_task_group() as tg:
@@ -569,7 +574,12 @@ async def test_client_that_stops_reading_is_dropped_with_resource_exhausted(
 
 
 async def test_slow_consumer_drop_never_truncates_a_message() -> None:
-    config = ft_config(instruments=bulky_instruments(), subscriber_buffer=1, tick_interval=0.02)
+    config = ft_config(
+        instruments=bulky_instruments(),
+        subscriber_buffer=1,
+        slow_consumer_timeout=0.2,
+        tick_interval=0.02,
+    )
     symbols = {i.symbol for i in config.instruments}
 
     async def read_after_the_drop(channel: Channel, log: LogWatch) -> None:

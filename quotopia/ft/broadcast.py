@@ -1,12 +1,24 @@
 """Fan-out of price updates: one bounded memory object stream per subscriber.
 
 The generator calls :meth:`Broadcaster.publish` once per tick; it never blocks and
-never waits for a subscriber. Each subscriber reads its own bounded stream. A
-subscriber that falls ``buffer_size`` ticks behind (a client that stopped reading)
-is disconnected as a *slow consumer* rather than allowed to hold memory or slow
-anybody else down: its :attr:`Subscription.cancel_scope` is cancelled, which
-interrupts the subscriber even while it is stuck writing to a client that does not
-read, and :attr:`Subscription.slow` tells it why.
+never waits for a subscriber. Each subscriber reads its own bounded stream.
+
+The slow-consumer policy, for a subscriber whose stream is full (``buffer_size``
+ticks behind, typically a client that reads slowly or not at all):
+
+1. *Conflation*, for a transient stall: later ticks are merged into one pending
+   batch that keeps only the newest quote per symbol, and is handed over as soon
+   as the stream has room. Memory stays bounded (one quote per symbol); the
+   client sees a gap in the sequence numbers, not stale data. Each quote dropped
+   this way is counted in :attr:`Broadcaster.conflated`.
+2. *Disconnection*, for a dead or hopeless one: once a subscriber has been behind
+   for longer than ``slow_consumer_timeout`` seconds, it is dropped: its
+   :attr:`Subscription.cancel_scope` is cancelled, which interrupts it even while
+   it is stuck writing to a client that does not read, and
+   :attr:`Subscription.slow` tells it why. Counted in
+   :attr:`Broadcaster.slow_disconnects`.
+
+Nobody else waits for a slow subscriber at any point.
 """
 
 from __future__ import annotations
@@ -54,6 +66,10 @@ class Subscription(Generic[Q]):
         self.cancel_scope = anyio.CancelScope()
         #: True once this subscriber was dropped for falling too far behind.
         self.slow = False
+        # Quotes that did not fit in the stream, newest per symbol, and since when
+        # (the broadcaster's clock) the subscriber has been behind.
+        self._pending: dict[str, Q] = {}
+        self._behind_since = 0.0
 
     def __enter__(self) -> Subscription[Q]:
         return self
@@ -72,16 +88,22 @@ class Broadcaster(Generic[Q]):
     leaves nothing behind.
     """
 
-    def __init__(self, buffer_size: int = 16) -> None:
+    def __init__(self, buffer_size: int = 16, slow_consumer_timeout: float = 10.0) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
+        if slow_consumer_timeout < 0:
+            raise ValueError("slow_consumer_timeout must be >= 0")
         self._buffer_size = buffer_size
+        self._slow_consumer_timeout = slow_consumer_timeout
         self._latest: dict[str, Q] = {}
         self._subscribers: set[Subscription[Q]] = set()
         self._closed = False
         self._empty: anyio.Event | None = None
         #: Subscribers dropped as slow consumers since start.
         self.slow_disconnects = 0
+        #: Quotes replaced by a newer quote of the same symbol before a lagging
+        #: subscriber could take them, since start.
+        self.conflated = 0
 
     @property
     def subscriber_count(self) -> int:
@@ -92,24 +114,46 @@ class Broadcaster(Generic[Q]):
         """A copy of the latest quote of every symbol published so far."""
         return dict(self._latest)
 
-    def publish(self, quotes: tuple[Q, ...]) -> None:
-        """Record one tick's quotes and hand them to every subscriber, without blocking."""
+    def publish(self, quotes: tuple[Q, ...], now: float | None = None) -> None:
+        """Record one tick's quotes and hand them to every subscriber, without blocking.
+
+        ``now`` is the time on the event loop's clock (tests pass their own); it
+        only decides how long a lagging subscriber has been behind.
+        """
         for quote in quotes:
             self._latest[quote.symbol] = quote
         if self._closed:
             # close() has ended every stream already; the subscribers drain what is
             # buffered and unregister themselves when they leave.
             return
+        if now is None:
+            now = anyio.current_time()
         for sub in list(self._subscribers):
-            try:
-                sub._send.send_nowait(quotes)
-            except anyio.WouldBlock:
+            self._deliver(sub, quotes, now)
+
+    def _deliver(self, sub: Subscription[Q], quotes: tuple[Q, ...], now: float) -> None:
+        if sub._pending:
+            # Already behind: conflate this tick into what is waiting.
+            for quote in quotes:
+                if quote.symbol in sub._pending:
+                    self.conflated += 1
+                sub._pending[quote.symbol] = quote
+            quotes = tuple(sub._pending.values())
+        try:
+            sub._send.send_nowait(quotes)
+        except anyio.WouldBlock:
+            if not sub._pending:
+                sub._pending = {quote.symbol: quote for quote in quotes}
+                sub._behind_since = now
+            elif now - sub._behind_since > self._slow_consumer_timeout:
                 sub.slow = True
                 sub.cancel_scope.cancel()
                 self.slow_disconnects += 1
                 self._drop(sub)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self._drop(sub)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._drop(sub)
+        else:
+            sub._pending = {}
 
     def subscribe(self) -> Subscription[Q]:
         """Register a subscriber; use the result in a ``with`` block.

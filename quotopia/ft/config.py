@@ -26,8 +26,11 @@ class FTConfig:
     )
     #: How long a SIGTERM waits for open streams to end before cutting them.
     drain_timeout: float = 5.0
-    #: Ticks a subscriber may fall behind before it is disconnected as a slow consumer.
+    #: Ticks buffered per subscriber; past that, its quotes are conflated.
     subscriber_buffer: int = 16
+    #: Seconds a subscriber may stay behind (conflated) before it is disconnected
+    #: with RESOURCE_EXHAUSTED as a slow consumer.
+    slow_consumer_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -38,6 +41,10 @@ class FTConfig:
             )
         if not (math.isfinite(self.drain_timeout) and self.drain_timeout >= 0):
             raise ValueError(f"drain timeout must be >= 0 seconds, got {self.drain_timeout}")
+        if not (math.isfinite(self.slow_consumer_timeout) and self.slow_consumer_timeout >= 0):
+            raise ValueError(
+                f"slow consumer timeout must be >= 0 seconds, got {self.slow_consumer_timeout}"
+            )
         if self.subscriber_buffer < 1:
             raise ValueError(f"subscriber buffer must be at least 1, got {self.subscriber_buffer}")
         if self.seed is not None and self.seed < 0:

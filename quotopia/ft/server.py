@@ -57,7 +57,9 @@ async def serve(
     with ``port=0``). Must run on AnyIO's asyncio backend: grpclib is asyncio-only.
     """
     market = Market(config.instruments, config.seed)
-    broadcaster: Broadcaster[_proto.Quote] = Broadcaster(config.subscriber_buffer)
+    broadcaster: Broadcaster[_proto.Quote] = Broadcaster(
+        config.subscriber_buffer, config.slow_consumer_timeout
+    )
     quotes = QuoteService(market.symbols, broadcaster)
     serving = ServiceStatus()
     health = Health({quotes: [serving]})
@@ -89,7 +91,11 @@ async def serve(
                 broadcaster.subscriber_count,
             )
         tg.cancel_scope.cancel()
-    logger.info("FT stopped")
+    logger.info(
+        "FT stopped (%d slow consumers disconnected, %d quotes conflated)",
+        broadcaster.slow_disconnects,
+        broadcaster.conflated,
+    )
 
 
 async def _run_server(
