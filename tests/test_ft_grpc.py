@@ -33,6 +33,7 @@ import grpc
 import pytest
 from anyio.abc import TaskStatus
 from grpclib.client import Channel
+from grpclib.client import Stream as GrpcStream
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -43,6 +44,8 @@ from quotopia._proto import Quote, QuoteServiceStub, StreamQuotesRequest
 from quotopia.ft.config import FTConfig
 from quotopia.ft.server import serve
 from quotopia.market import DEFAULT_SYMBOLS, Instrument, Market, parse_symbols
+
+ClientStream = GrpcStream[StreamQuotesRequest, Quote]
 
 pytestmark = pytest.mark.anyio
 
@@ -479,6 +482,17 @@ async def test_drain_waits_for_a_slow_stream_and_refuses_new_ones() -> None:
     }
 
 
+async def assert_connection_closed(stream: ClientStream) -> None:
+    """The stuck client is cut off, not left hanging on a half-open connection."""
+
+    async def read_to_the_end() -> None:
+        while await stream.recv_message() is not None:
+            pass
+
+    with anyio.fail_after(DEADLINE), pytest.raises(StreamTerminatedError, match="Connection lost"):
+        await read_to_the_end()
+
+
 async def test_drain_deadline_cuts_a_stuck_stream() -> None:
     config = ft_config(instruments=bulky_instruments(), drain_timeout=0.5)
     async with (
@@ -494,7 +508,7 @@ async def test_drain_deadline_cuts_a_stuck_stream() -> None:
             await ft.stopped.wait()
         took = anyio.current_time() - started
         assert config.drain_timeout <= took < config.drain_timeout + 5
-        await stream.cancel()
+        await assert_connection_closed(stream)
 
 
 async def test_drain_deadline_warning_counts_the_stuck_stream() -> None:
@@ -511,7 +525,7 @@ async def test_drain_deadline_warning_counts_the_stuck_stream() -> None:
                 await stream.recv_initial_metadata()
                 ft.stop.set()
                 await ft.stopped.wait()
-            await stream.cancel()
+            await assert_connection_closed(stream)
     warnings = [m for m in log.messages if "drain deadline" in m]
     assert len(warnings) == 1
     assert "with 1 streams still open" in warnings[0]

@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+import weakref
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import UTC, datetime
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskStatus
+from grpclib._typing import IServable
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.health.v1 import health_pb2
+from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.reflection.v1 import reflection_pb2
 from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
@@ -63,7 +67,7 @@ async def serve(
     quotes = QuoteService(market.symbols, broadcaster)
     serving = ServiceStatus()
     health = Health({quotes: [serving]})
-    server = Server(ServerReflection.extend([quotes, health], pool=_descriptor_pool()))
+    server = _Server(ServerReflection.extend([quotes, health], pool=_descriptor_pool()))
 
     async with anyio.create_task_group() as tg:
         port = await tg.start(_run_server, server, config.host, config.port)
@@ -98,8 +102,34 @@ async def serve(
     )
 
 
+class _Server(Server):
+    """grpclib's Server, which can also close the connections it accepted.
+
+    ``Server.close()`` stops listening and cancels handlers, but leaves accepted
+    connections open: a client that was cut off at the drain deadline would hang,
+    and ``python -X dev`` reports the transports as unclosed. grpclib offers no
+    public hook for this, hence the override of its protocol factory.
+    """
+
+    def __init__(self, handlers: Collection[IServable]) -> None:
+        super().__init__(handlers)
+        self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = super()._protocol_factory()
+        self._protocols.add(protocol)
+        return protocol
+
+    def close_connections(self) -> None:
+        """Close every accepted connection that is still open (after ``close()``)."""
+        for protocol in list(self._protocols):
+            connection = getattr(protocol, "connection", None)
+            if connection is not None:
+                connection.close()
+
+
 async def _run_server(
-    server: Server, host: str, port: int, *, task_status: TaskStatus[int]
+    server: _Server, host: str, port: int, *, task_status: TaskStatus[int]
 ) -> None:
     """Own the grpclib server: listen, report the port, close it when cancelled."""
     try:
@@ -115,6 +145,9 @@ async def _run_server(
             with anyio.CancelScope(shield=True):
                 server.close()
                 await server.wait_closed()
+                server.close_connections()
+                # Let the transports finish closing before the event loop does.
+                await anyio.lowlevel.checkpoint()
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
