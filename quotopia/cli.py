@@ -8,16 +8,19 @@ status 2, before anything starts.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import NoReturn, TypeVar
 
-from quotopia import __version__
-from quotopia.core.config import CoreConfig
+import anyio
+
+from quotopia import __version__, logs
 from quotopia.errors import StartupError, first_leaf
-from quotopia.ft.config import FTConfig
 from quotopia.market import DEFAULT_SYMBOLS, parse_symbols
+from quotopia.shutdown import shutdown_on_signals
 
 __all__ = ["build_parser", "main"]
 
@@ -202,9 +205,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
     """Validate the settings of one command and return what runs it."""
-    from quotopia import logs
-
     if args.command == "ft":
+        from quotopia.ft import FTConfig
+        from quotopia.ft import serve as serve_ft
+
         ft_config = FTConfig(
             host=args.host,
             port=args.port,
@@ -215,24 +219,13 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             subscriber_buffer=args.subscriber_buffer,
             slow_consumer_timeout=args.slow_consumer_timeout,
         )
-
-        def run_ft() -> int:
-            import anyio
-
-            from quotopia.ft.server import logger, serve
-            from quotopia.shutdown import shutdown_on_signals
-
-            async def main() -> None:
-                async with shutdown_on_signals(logger) as trigger:
-                    await serve(ft_config, shutdown_trigger=trigger)
-
-            logs.configure(args.log_level)
-            anyio.run(main, backend="asyncio")
-            return 0
-
-        return run_ft
+        # grpclib is asyncio-only.
+        return _service(partial(serve_ft, ft_config), "quotopia.ft", "asyncio", args.log_level)
 
     if args.command == "core":
+        from quotopia.core import CoreConfig
+        from quotopia.core import serve as serve_core
+
         core_config = CoreConfig(
             host=args.host,
             port=args.port,
@@ -240,23 +233,25 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             backoff_cap=args.backoff_cap,
             feed_timeout=args.feed_timeout,
         )
-
-        def run_core() -> int:
-            import trio
-
-            from quotopia.core.server import logger, serve
-            from quotopia.shutdown import shutdown_on_signals
-
-            async def main() -> None:
-                async with shutdown_on_signals(logger) as trigger:
-                    await serve(core_config, shutdown_trigger=trigger)
-
-            logs.configure(args.log_level)
-            trio.run(main)
-            return 0
-
-        return run_core
+        return _service(partial(serve_core, core_config), "quotopia.core", "trio", args.log_level)
 
     from quotopia.up import run_up
 
     return lambda: run_up(ft_port=args.ft_port, core_port=args.core_port, log_level=args.log_level)
+
+
+def _service(
+    serve: Callable[..., Awaitable[None]], logger_name: str, backend: str, log_level: str
+) -> Callable[[], int]:
+    """Run ``serve(shutdown_trigger=...)`` until SIGTERM/SIGINT, then return exit status 0."""
+
+    async def main() -> None:
+        async with shutdown_on_signals(logging.getLogger(logger_name)) as trigger:
+            await serve(shutdown_trigger=trigger)
+
+    def run() -> int:
+        logs.configure(log_level)
+        anyio.run(main, backend=backend)
+        return 0
+
+    return run
