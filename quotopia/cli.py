@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(
         ft,
+        "--keepalive",
+        "FT_KEEPALIVE",
+        "30",
+        "seconds of quiet before FT pings a connection; one that does not answer "
+        "within as long again is closed",
+        SECONDS,
+    )
+    _option(
+        ft,
         "--subscriber-buffer",
         "FT_SUBSCRIBER_BUFFER",
         "16",
@@ -216,6 +225,7 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             seed=args.seed,
             instruments=args.symbols,
             drain_timeout=args.drain_timeout,
+            keepalive=args.keepalive,
             subscriber_buffer=args.subscriber_buffer,
             slow_consumer_timeout=args.slow_consumer_timeout,
         )

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from quotopia.core.store import QuoteStore
 
@@ -34,6 +34,15 @@ def create_app(store: QuoteStore) -> QuartTrio:
     app = QuartTrio("quotopia.core")
     # No automatic OPTIONS (an empty text/html 200): OPTIONS gets the JSON 405.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    # No "//" → "/" redirect: routing redirects skip the error handlers (an HTML 308).
+    app.url_map.merge_slashes = False
+
+    @app.before_request
+    async def refuse_a_body_too_large() -> None:
+        # The routes never read a body, so Quart's MAX_CONTENT_LENGTH check never runs.
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        if limit is not None and (request.content_length or 0) > limit:
+            raise RequestEntityTooLarge()
 
     @app.get("/health")
     async def health() -> Response:

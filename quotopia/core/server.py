@@ -25,11 +25,12 @@ import trio
 import trio_asyncio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
-from quart_trio import QuartTrio
+from hypercorn.typing import ASGIFramework
 
 from quotopia.core.app import create_app
 from quotopia.core.config import CoreConfig
 from quotopia.core.feed import Session, grpc_session, supervise_feed
+from quotopia.core.http import FinishResponses, json_protocol_errors
 from quotopia.core.store import QuoteStore
 from quotopia.errors import StartupError, describe_os_error
 
@@ -50,7 +51,8 @@ async def serve(
     Calls ``task_status.started(port)`` once listening, with the real port.
     """
     store = QuoteStore()
-    app = create_app(store)
+    app = FinishResponses(create_app(store))
+    json_protocol_errors()
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         try:
             binds = await nursery.start(
@@ -70,7 +72,7 @@ async def serve(
 
 
 async def _serve_http(
-    app: QuartTrio,
+    app: ASGIFramework,
     config: HypercornConfig,
     shutdown_trigger: Callable[[], Awaitable[None]] | None,
     siblings: trio.CancelScope,

@@ -26,6 +26,10 @@ class FTConfig:
     )
     #: How long a SIGTERM waits for open streams to end before cutting them.
     drain_timeout: float = 5.0
+    #: Seconds of quiet after which FT pings a connection (HTTP/2 PING), and then
+    #: waits as long again for the answer before closing it: frees connections whose
+    #: client froze, vanished without a FIN, or never completed the handshake.
+    keepalive: float = 30.0
     #: Ticks buffered per subscriber; past that, its quotes are conflated.
     subscriber_buffer: int = 16
     #: Seconds a subscriber may stay behind (conflated) before it is disconnected
@@ -44,6 +48,10 @@ class FTConfig:
         if not (math.isfinite(self.slow_consumer_timeout) and self.slow_consumer_timeout >= 0):
             raise ValueError(
                 f"slow consumer timeout must be >= 0 seconds, got {self.slow_consumer_timeout}"
+            )
+        if not (math.isfinite(self.keepalive) and self.keepalive > 0):
+            raise ValueError(
+                f"keepalive must be a positive number of seconds, got {self.keepalive}"
             )
         if self.subscriber_buffer < 1:
             raise ValueError(f"subscriber buffer must be at least 1, got {self.subscriber_buffer}")

@@ -27,6 +27,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskStatus
 from grpclib._typing import IServable
+from grpclib.config import Configuration
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.health.v1 import health_pb2
@@ -67,7 +68,10 @@ async def serve(
     quotes = QuoteService(market.symbols, broadcaster)
     serving = ServiceStatus()
     health = Health({quotes: [serving]})
-    server = _Server(ServerReflection.extend([quotes, health], pool=_descriptor_pool()))
+    server = _Server(
+        ServerReflection.extend([quotes, health], pool=_descriptor_pool()),
+        config=_keepalive(config.keepalive),
+    )
 
     async with anyio.create_task_group() as tg:
         port = await tg.start(_run_server, server, config.host, config.port)
@@ -111,8 +115,8 @@ class _Server(Server):
     public hook for this, hence the override of its protocol factory.
     """
 
-    def __init__(self, handlers: Collection[IServable]) -> None:
-        super().__init__(handlers)
+    def __init__(self, handlers: Collection[IServable], *, config: Configuration) -> None:
+        super().__init__(handlers, config=config)
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
@@ -126,6 +130,24 @@ class _Server(Server):
             connection = getattr(protocol, "connection", None)
             if connection is not None:
                 connection.close()
+
+
+def _keepalive(seconds: float) -> Configuration:
+    """grpclib settings that ping every connection after ``seconds`` of quiet.
+
+    grpclib's keepalive options are marked experimental, and their defaults do
+    little: a server pings after 2 hours, sends at most 2 pings without data in
+    between, and at most one per 5 minutes. These make the ping regular, with or
+    without open streams, so a frozen or half-open client is closed after about
+    ``2 * seconds``, including one that sent garbage h2 keeps waiting on.
+    """
+    return Configuration(
+        _keepalive_time=seconds,
+        _keepalive_timeout=seconds,
+        _keepalive_permit_without_calls=True,
+        _http2_max_pings_without_data=0,
+        _http2_min_sent_ping_interval_without_data=seconds,
+    )
 
 
 async def _run_server(

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from grpclib.const import Cardinality, Handler, Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Stream
 from h2.errors import ErrorCodes
 
@@ -64,9 +64,7 @@ class QuoteService:
         return frozenset(wanted)
 
     async def stream_quotes(self, stream: Stream[StreamQuotesRequest, Quote]) -> None:
-        request = await stream.recv_message()
-        assert request is not None  # grpclib guarantees the one request of a unary-stream call
-        wanted = self.resolve(request.symbols)
+        wanted = self.resolve(await _receive_request(stream))
         try:
             sub = self._broadcaster.subscribe()
         except BroadcasterClosed:
@@ -108,6 +106,33 @@ class QuoteService:
                 Status.RESOURCE_EXHAUSTED, "slow consumer: the client fell too far behind"
             )
         # Returning ends the stream with status OK: the broadcaster closed (a drain).
+
+
+async def _receive_request(stream: Stream[StreamQuotesRequest, Quote]) -> list[str]:
+    """The call's one request, as its list of symbols.
+
+    Error handling: a missing, cut-off or undecodable request is
+    ``GRPCError(INVALID_ARGUMENT)``, so grpclib answers with that status instead of
+    logging the client's garbage as an ERROR with a traceback and answering UNKNOWN.
+    grpclib and the codec raise assorted types for a bad body (``AssertionError``
+    for a short one, ``NotImplementedError`` for a compressed one, ``ValueError``,
+    ``EOFError`` or ``KeyError`` from betterproto2): any ``Exception`` here is the
+    request's fault, except grpclib's own signals, which pass through.
+    """
+    try:
+        request = await stream.recv_message()
+    except (GRPCError, StreamTerminatedError):
+        raise
+    except Exception as exc:
+        raise GRPCError(
+            Status.INVALID_ARGUMENT, f"malformed request: {type(exc).__name__}: {exc}"[:200]
+        ) from None
+    if request is None:
+        raise GRPCError(Status.INVALID_ARGUMENT, "no request message")
+    # betterproto2 decodes a wrong wire type as an int or None, not an error.
+    if not all(isinstance(name, str) for name in request.symbols):
+        raise GRPCError(Status.INVALID_ARGUMENT, "malformed request: symbols must be strings")
+    return request.symbols
 
 
 async def _reset_slow_stream(stream: Stream[StreamQuotesRequest, Quote]) -> None:
