@@ -4,6 +4,9 @@ A :class:`QuotopiaProcess` runs ``python -m quotopia ...`` with its stdout and
 stderr each read by a thread into a list of lines, so a test can wait for a log
 line with a deadline instead of sleeping and hoping. Use it as a context manager:
 whatever happens in the test, the process is killed and reaped on exit.
+
+Each line is stamped with the (monotonic) time it was read, so a test can time an
+event from the moment the process announced it (:meth:`~QuotopiaProcess.wait_for_line_at`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import IO, TypeVar
 
@@ -72,6 +75,8 @@ class _LineReader:
         self._pipe = pipe
         self._changed = changed
         self.lines: list[str] = []
+        #: When each line was read (``time.monotonic()``), index for index.
+        self.times: list[float] = []
         self.closed = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -79,8 +84,10 @@ class _LineReader:
     def _run(self) -> None:
         try:
             for line in self._pipe:
+                read_at = time.monotonic()
                 with self._changed:
                     self.lines.append(line.rstrip("\n"))
+                    self.times.append(read_at)
                     self._changed.notify_all()
         finally:
             with self._changed:
@@ -94,16 +101,28 @@ class _LineReader:
 class QuotopiaProcess:
     """``python -m quotopia *args``, with its output captured line by line.
 
+    ``python_args`` replaces ``-m quotopia`` to run another Python program the same
+    way (``("-c", SCRIPT)``, say). ``width`` cuts longer lines in :meth:`output`, for
+    processes that log huge lines.
+
     Resource handling: leaving the ``with`` block kills the process if it is still
     running, reaps it and closes its pipes.
     """
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        python_args: Sequence[str] = ("-m", "quotopia"),
+        width: int | None = None,
+    ) -> None:
         self.args: tuple[str, ...] = args
+        self.python_args: tuple[str, ...] = tuple(python_args)
+        self.width = width
         self.started_at = time.monotonic()
         self._changed = threading.Condition()
         self._popen = subprocess.Popen(
-            [sys.executable, "-m", "quotopia", *args],
+            [sys.executable, *self.python_args, *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -146,10 +165,25 @@ class QuotopiaProcess:
         with self._changed:
             return list(self._stdout.lines)
 
+    def rss_bytes(self) -> int:
+        """The process's resident set size now (Linux: ``VmRSS`` in /proc)."""
+        with open(f"/proc/{self.pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    kib = int(line.split()[1])
+                    return kib * 1024
+        raise AssertionError(f"no VmRSS for pid {self.pid} (a zombie?)")
+
     def output(self) -> str:
         """Everything captured so far, for assertion messages."""
         out, err = self.stdout_lines, self.stderr_lines
-        parts = [f"$ quotopia {' '.join(self.args)} (exit status {self.returncode})"]
+        if self.width is not None:
+            out, err = ([_cut(line, self.width) for line in lines] for lines in (out, err))
+        if self.python_args == ("-m", "quotopia"):
+            command = f"quotopia {' '.join(self.args)}"
+        else:
+            command = _cut(" ".join(("python", *self.python_args, *self.args)), 120)
+        parts = [f"$ {command} (exit status {self.returncode})"]
         if out:
             parts += ["--- stdout ---", *out]
         if err:
@@ -164,16 +198,27 @@ class QuotopiaProcess:
         Raises :class:`AssertionError` with the captured output if ``timeout`` seconds
         pass, or the stream ends, without a match.
         """
+        return self.wait_for_line_at(pattern, timeout, stream=stream, start=start)[0]
+
+    def wait_for_line_at(
+        self, pattern: str, timeout: float, *, stream: str = "stderr", start: int = 0
+    ) -> tuple[re.Match[str], float]:
+        """Like :meth:`wait_for_line`, plus when the line was read (``time.monotonic()``).
+
+        A line is read within moments of being written (the pipe is unbuffered), so
+        this times an event from when the process announced it, not from when the
+        test got round to looking.
+        """
         regex = re.compile(pattern)
         reader = self._stderr if stream == "stderr" else self._stdout
         deadline = time.monotonic() + timeout
         checked = start
         with self._changed:
             while True:
-                for line in reader.lines[checked:]:
-                    found = regex.search(line)
+                for index in range(checked, len(reader.lines)):
+                    found = regex.search(reader.lines[index])
                     if found:
-                        return found
+                        return found, reader.times[index]
                 checked = max(checked, len(reader.lines))
                 remaining = deadline - time.monotonic()
                 if reader.closed or remaining <= 0:
@@ -218,3 +263,7 @@ class QuotopiaProcess:
             for pipe in (self._popen.stdout, self._popen.stderr):
                 if pipe is not None:
                     pipe.close()
+
+
+def _cut(line: str, width: int) -> str:
+    return line if len(line) <= width else f"{line[:width]}... ({len(line)} characters)"

@@ -1,7 +1,8 @@
-"""Adapting hypercorn to Core: the two places where its defaults fall short.
+"""Adapting hypercorn to Core: the places where its defaults fall short.
 
-hypercorn serves the app well, but two things it does on its own, below the app,
-break Core's promises (every response JSON; connections closed when asked):
+hypercorn serves the app well, but a few things it does on its own, below the
+app, break Core's promises (every response JSON; connections closed when asked;
+out within 2 s of SIGTERM):
 
 - :class:`FinishResponses` wraps the ASGI app so the end of every response is
   handled by hypercorn in full, and a benign race at connection close is not
@@ -12,16 +13,23 @@ break Core's promises (every response JSON; connections closed when asked):
   hypercorn has no hook for them, so this replaces one private method of its
   HTTP/1.1 protocol; hypercorn is pinned (<0.19) and tests/test_bad_input.py
   checks the result.
+- :func:`track_connections` and :func:`abort_connections` let a shutdown cut the
+  connections hypercorn's graceful timeout cannot end (a write to a client that
+  stopped reading runs under an unbounded shield). tests/test_resilience.py
+  checks it.
 """
 
 from __future__ import annotations
 
 import json
+import weakref
 from http import HTTPStatus
+from typing import Any
 
 import h11
 import trio
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.typing import (
     ASGIFramework,
     ASGIReceiveCallable,
@@ -30,7 +38,13 @@ from hypercorn.typing import (
     Scope,
 )
 
-__all__ = ["FINISH_TIMEOUT", "FinishResponses", "json_protocol_errors"]
+__all__ = [
+    "FINISH_TIMEOUT",
+    "FinishResponses",
+    "abort_connections",
+    "json_protocol_errors",
+    "track_connections",
+]
 
 #: Longest time the end of a response is protected from cancellation, in seconds.
 FINISH_TIMEOUT = 1.0
@@ -89,3 +103,36 @@ async def _send_json_error(self: H11Protocol, status_code: int) -> None:
 def json_protocol_errors() -> None:
     """Make hypercorn's own HTTP/1.1 error responses JSON (idempotent)."""
     H11Protocol._send_error_response = _send_json_error  # type: ignore[method-assign]
+
+
+#: Every connection hypercorn serves, so a shutdown can cut those it cannot end.
+_connections: weakref.WeakSet[TCPServer] = weakref.WeakSet()
+_hypercorn_tcp_server_init = TCPServer.__init__
+
+
+def _tracked_init(self: TCPServer, *args: Any, **kwargs: Any) -> None:
+    _hypercorn_tcp_server_init(self, *args, **kwargs)
+    _connections.add(self)
+
+
+def track_connections() -> None:
+    """Remember every connection hypercorn accepts, for :func:`abort_connections`."""
+    TCPServer.__init__ = _tracked_init  # type: ignore[method-assign]
+
+
+def abort_connections() -> int:
+    """Close the socket of every connection still open; return how many.
+
+    hypercorn writes with an unbounded shield (so a cancellation cannot cut a
+    response in half), which its graceful timeout cannot interrupt: a client that
+    stops reading would hold the shutdown forever. Closing the socket can: the
+    stuck write raises ``trio.ClosedResourceError``, which hypercorn handles as a
+    closed connection.
+    """
+    aborted = 0
+    for connection in list(_connections):
+        sock = getattr(connection.stream, "socket", None)
+        if sock is not None and sock.fileno() != -1:
+            sock.close()
+            aborted += 1
+    return aborted

@@ -30,7 +30,12 @@ from hypercorn.typing import ASGIFramework
 from quotopia.core.app import create_app
 from quotopia.core.config import CoreConfig
 from quotopia.core.feed import Session, grpc_session, supervise_feed
-from quotopia.core.http import FinishResponses, json_protocol_errors
+from quotopia.core.http import (
+    FinishResponses,
+    abort_connections,
+    json_protocol_errors,
+    track_connections,
+)
 from quotopia.core.store import QuoteStore
 from quotopia.errors import StartupError, describe_os_error
 
@@ -53,6 +58,7 @@ async def serve(
     store = QuoteStore()
     app = FinishResponses(create_app(store))
     json_protocol_errors()
+    track_connections()
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         try:
             binds = await nursery.start(
@@ -79,13 +85,30 @@ async def _serve_http(
     *,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
-    """Serve HTTP until the trigger fires, then stop the siblings (the feed)."""
-    try:
-        await hypercorn_serve(
-            app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
+    """Serve HTTP until the trigger fires, then stop the siblings (the feed).
+
+    hypercorn's graceful timeout cannot end a write to a client that stopped
+    reading; when it has passed, such connections are cut.
+    """
+    async with trio.open_nursery() as watchdog:
+
+        async def trigger() -> None:
+            await (shutdown_trigger or trio.sleep_forever)()
+            watchdog.start_soon(_cut_stuck_connections, config.graceful_timeout)
+
+        try:
+            await hypercorn_serve(app, config, shutdown_trigger=trigger, task_status=task_status)
+        finally:
+            watchdog.cancel_scope.cancel()
+            siblings.cancel()
+
+
+async def _cut_stuck_connections(after: float) -> None:
+    await trio.sleep(after)
+    if aborted := abort_connections():
+        logger.warning(
+            "graceful timeout passed with %d connections stuck writing; cutting them", aborted
         )
-    finally:
-        siblings.cancel()
 
 
 def _hypercorn_config(config: CoreConfig) -> HypercornConfig:
