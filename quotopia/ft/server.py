@@ -18,6 +18,7 @@ mid-stream and leave connections half-open.
 from __future__ import annotations
 
 import logging
+import resource
 import socket
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable
@@ -49,6 +50,10 @@ __all__ = ["serve"]
 
 logger = logging.getLogger("quotopia.ft")
 
+#: Connections the kernel may queue for accept(). grpclib's Server.start()
+#: defaults to 100 and calls listen() again, so it must be passed there too.
+BACKLOG = 1024
+
 
 async def serve(
     config: FTConfig,
@@ -61,6 +66,7 @@ async def serve(
     Calls ``task_status.started(port)`` once listening, with the real port (useful
     with ``port=0``). Must run on AnyIO's asyncio backend: grpclib is asyncio-only.
     """
+    _raise_open_file_limit()
     market = Market(config.instruments, config.seed)
     broadcaster: Broadcaster[_proto.Quote] = Broadcaster(
         config.subscriber_buffer, config.slow_consumer_timeout
@@ -159,7 +165,7 @@ async def _run_server(
     except OSError as exc:
         raise StartupError(f"cannot listen on {host}:{port}: {describe_os_error(exc)}") from None
     with sock:
-        await server.start(sock=sock)
+        await server.start(sock=sock, backlog=BACKLOG)
         try:
             task_status.started(sock.getsockname()[1])
             await anyio.sleep_forever()
@@ -177,7 +183,23 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     family, _, _, _, addr = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
-    return socket.create_server(addr, family=family, backlog=1024)
+    return socket.create_server(addr, family=family, backlog=BACKLOG)
+
+
+def _raise_open_file_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: one descriptor per client.
+
+    The usual soft default (1024, under systemd and Docker) would cap FT at about
+    a thousand clients; asyncio then logs every failed accept() at ERROR with a
+    traceback and stops accepting for a second at a time.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:  # e.g. an infinite hard limit on macOS
+        logger.warning("cannot raise the open-file limit from %d: %s", soft, exc)
 
 
 async def _generate(
