@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -618,3 +619,88 @@ async def test_slow_consumer_drop_never_truncates_a_message() -> None:
                 await read_after_the_drop(channel, log)
     if isinstance(ended.value, GRPCError):
         assert ended.value.status is Status.RESOURCE_EXHAUSTED
+
+
+async def test_one_stalled_subscriber_does_not_delay_fifty_healthy_ones() -> None:
+    """1 client that stops reading, 50 that read: the 50 get every tick, on time.
+
+    The stalled client reads nothing, so FT's handler for it blocks on HTTP/2 flow
+    control once its window is full (bulky quotes make that a matter of a few
+    ticks); its buffer fills, its quotes are conflated, and after the slow-consumer
+    timeout it is disconnected. Throughout, the healthy ones see no gap in any
+    symbol's sequence and no quote older than LATE when it arrives.
+    """
+    late = timedelta(seconds=2)  # generous on a noisy machine; typically milliseconds
+    config = ft_config(
+        instruments=bulky_instruments(count=3, name_length=3000),
+        tick_interval=0.1,
+        subscriber_buffer=2,
+        slow_consumer_timeout=0.5,
+    )
+    healthy = 50
+    channels_used = 5
+    received: list[list[tuple[str, int]]] = [[] for _ in range(healthy)]
+    too_late: list[timedelta] = []
+    dropped = anyio.Event()
+
+    async def read_healthy(channel: Channel, index: int) -> None:
+        async with quote_stream(channel) as quotes:
+            async for quote in quotes:
+                arrived = datetime.now(UTC)
+                if arrived - check_time(quote.time) > late:
+                    too_late.append(arrived - check_time(quote.time))
+                received[index].append((quote.symbol, quote.sequence))
+                if dropped.is_set():
+                    return
+
+    async def stall(channel: Channel) -> None:
+        """Ask for quotes, never read them; expect the reset FT gives a slow consumer."""
+
+        async def open_and_wait() -> None:
+            async with channel.request(
+                METHOD, Cardinality.UNARY_STREAM, StreamQuotesRequest, Quote
+            ) as stream:
+                await stream.send_message(StreamQuotesRequest(), end=True)
+                await dropped.wait()
+                while await stream.recv_message() is not None:
+                    pass
+
+        # Cut mid-message, the stream is reset with ENHANCE_YOUR_CALM, which gRPC
+        # clients report as RESOURCE_EXHAUSTED.
+        with pytest.raises(StreamTerminatedError, match="error_code: 11"):
+            await open_and_wait()
+
+    with watch_ft_log() as log:
+        async with running_ft(config) as ft:
+            channels = [Channel("127.0.0.1", ft.port) for _ in range(channels_used)]
+            stalled_channel = Channel("127.0.0.1", ft.port, config=SMALL_WINDOW)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(stall, stalled_channel)
+                    for index in range(healthy):
+                        tg.start_soon(read_healthy, channels[index % channels_used], index)
+                    await wait_for(lambda: log.saw("(slow consumer)"), "the stalled client's drop")
+                    dropped.set()  # each reader stops at its next quote
+            finally:
+                for channel in (*channels, stalled_channel):
+                    channel.close()
+            ft.stop.set()
+            with anyio.fail_after(DEADLINE):
+                await ft.stopped.wait()
+        (summary,) = [m for m in log.messages if m.startswith("FT stopped")]
+    # Stalled first (conflated), then dropped: both are counted.
+    counts = re.fullmatch(
+        r"FT stopped \((\d+) slow consumers disconnected, (\d+) quotes conflated\)", summary
+    )
+    assert counts is not None, summary
+    assert int(counts[1]) == 1
+    assert int(counts[2]) > 0
+
+    assert not too_late, f"{len(too_late)} quotes late, worst {max(too_late)}"
+    for index, quotes in enumerate(received):
+        last: dict[str, int] = {}
+        for symbol, sequence in quotes:
+            if symbol in last:
+                assert sequence == last[symbol] + 1, f"reader {index}: {symbol} gap"
+            last[symbol] = sequence
+        assert len(last) == len(config.instruments), f"reader {index} missed a symbol"
