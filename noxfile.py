@@ -53,6 +53,14 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmark Quotopia beside its peers; prints a table, saves bench-results/bench.json"""
+    session.install("-e", ".[bench]")
+    # wrk is a system package (`apt-get install wrk`); the harness says so if it is missing.
+    session.run("python", "-m", "scripts.bench", *session.posargs)
+
+
+@nox.session
 def proto(session: nox.Session) -> None:
     """Regenerate quotopia/_proto from proto/quotes.proto (betterproto2, grpclib)."""
     session.install("-e", ".[test]")

@@ -1,0 +1,118 @@
+"""What one bench run measures, at which sizes, and the context every part shares."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["MODES", "Context", "Plan", "plan_for"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and durations of every part; :func:`plan_for` gives the presets."""
+
+    mode: str
+    # 1. Core REST, under wrk
+    rest_connections: int = 64
+    #: Seconds of wrk before each measured run (0: none).
+    rest_warmup_s: int = 2
+    rest_duration_s: int = 10
+    rest_workers: int = 2
+    # 2. FT fan-out at the 1 s tick
+    fanout_sizes: tuple[int, ...] = (100, 1_000, 5_000, 10_000)
+    fanout_tick_s: float = 1.0
+    fanout_warmup_s: float = 3.0
+    fanout_window_s: float = 10.0
+    #: After the window, how long a quote generated in it may take to arrive.
+    grace_s: float = 2.0
+    # 3. FT maximum throughput: shorter and shorter ticks, until someone falls behind
+    throughput_subscribers: int = 100
+    throughput_ticks_s: tuple[float, ...] = (
+        0.1,
+        0.05,
+        0.03,
+        0.02,
+        0.015,
+        0.01,
+        0.007,
+        0.005,
+        0.003,
+        0.002,
+        0.001,
+    )
+    throughput_warmup_s: float = 2.0
+    throughput_window_s: float = 5.0
+    # 4. Freshness: generation → visible at Core
+    freshness_tick_s: float = 0.05
+    freshness_ticks: int = 1_000
+    #: Each poller's interval; pollers take turns, so Core is asked every poll_s / pollers.
+    freshness_poll_s: float = 0.04
+    #: Concurrent pollers, so that under load (slow answers) most ticks are still seen.
+    freshness_pollers: int = 8
+    # 5. Footprint
+    startup_repeats: int = 3
+    idle_settle_s: float = 3.0
+    # The gRPC load
+    #: How long subscribers may take to start; past that, those that did are measured.
+    connect_timeout_s: float = 60.0
+    load_processes: int = 2
+    streams_per_connection: int = 1
+    load_client: str = "wire"
+    parts: tuple[str, ...] = ("footprint", "rest", "fanout", "throughput", "freshness")
+
+
+MODES = ("full", "quick", "smoke")
+
+
+def plan_for(mode: str, **overrides: object) -> Plan:
+    """The preset for ``mode`` (full, quick or smoke), with ``overrides`` applied."""
+    presets: dict[str, dict[str, object]] = {
+        "full": {},
+        "quick": {
+            "rest_warmup_s": 1,
+            "rest_duration_s": 3,
+            "fanout_sizes": (100, 1_000),
+            "fanout_warmup_s": 2.0,
+            "fanout_window_s": 5.0,
+            "throughput_window_s": 2.0,
+            "throughput_warmup_s": 1.0,
+            "freshness_ticks": 200,
+            "startup_repeats": 1,
+            "idle_settle_s": 1.0,
+        },
+        "smoke": {
+            "rest_warmup_s": 0,
+            "rest_duration_s": 1,
+            "fanout_sizes": (10,),
+            "fanout_warmup_s": 0.5,
+            "fanout_window_s": 2.0,
+            "grace_s": 0.5,
+            "throughput_subscribers": 10,
+            "throughput_ticks_s": (0.1, 0.05),
+            "throughput_warmup_s": 0.5,
+            "throughput_window_s": 1.0,
+            "freshness_ticks": 20,
+            "startup_repeats": 1,
+            "idle_settle_s": 0.5,
+            "load_processes": 1,
+        },
+    }
+    return Plan(mode=mode, **{**presets[mode], **overrides})  # type: ignore[arg-type]
+
+
+@dataclass
+class Context:
+    """What every part needs: the plan, the grpcio classes, and a progress log."""
+
+    plan: Plan
+    proto_dir: Path
+    pb: ModuleType
+    started: float = field(default_factory=time.monotonic)
+
+    def log(self, message: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"[bench {elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
