@@ -394,3 +394,88 @@ async def test_wait_empty_waits_for_subscribers_that_leave_later() -> None:
                     pass
     assert waiters_done == 2
     assert broadcaster.subscriber_count == 0
+
+
+# --- receive() and direct delivery ---------------------------------------------------
+
+
+async def test_receive_takes_every_buffered_tick_at_once_then_ends() -> None:
+    broadcaster = Broadcaster[Tick](buffer_size=8)
+    with broadcaster.subscribe() as sub:
+        for seq in range(1, 4):
+            broadcaster.publish(batch(seq))
+        with anyio.fail_after(DEADLINE):
+            assert await sub.receive() == [batch(1), batch(2), batch(3)]
+            broadcaster.publish(batch(4))
+            broadcaster.close()
+            assert await sub.receive() == [batch(4)]
+            with pytest.raises(anyio.EndOfStream):
+                await sub.receive()
+
+
+async def test_a_waiting_subscriber_gets_ticks_directly_until_it_declines_one() -> None:
+    broadcaster = Broadcaster[Tick](buffer_size=8)
+    offered: list[Batch] = []
+    accept = True
+
+    def deliver(tick: Batch) -> bool:
+        offered.append(tick)
+        return accept
+
+    received: list[Batch] = []
+    with broadcaster.subscribe() as sub:
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+
+                async def receive() -> None:
+                    received.extend(await sub.receive(direct=deliver))
+
+                tg.start_soon(receive)
+                await anyio.wait_all_tasks_blocked()
+                for seq in range(1, 4):
+                    broadcaster.publish(batch(seq))
+                # Delivered on the spot: nothing buffered, the subscriber still asleep.
+                assert offered == [batch(1), batch(2), batch(3)]
+                assert sub.updates.statistics().current_buffer_used == 0
+                assert not received
+
+                accept = False
+                broadcaster.publish(batch(4))
+                # Declined once, never offered again before the subscriber has
+                # taken what is queued: tick 5 must not overtake tick 4.
+                accept = True
+                broadcaster.publish(batch(5))
+                assert offered == [batch(1), batch(2), batch(3), batch(4)]
+        assert received == [batch(4), batch(5)]
+        # Not waiting any more: ticks are buffered as usual.
+        broadcaster.publish(batch(6))
+        assert offered[-1] == batch(4)
+        assert sub.updates.receive_nowait() == batch(6)
+    assert broadcaster.slow_disconnects == 0
+
+
+async def test_conflated_quotes_are_never_overtaken_by_a_direct_delivery() -> None:
+    broadcaster = Broadcaster[Tick](buffer_size=1, slow_consumer_timeout=100.0)
+    offered: list[Batch] = []
+
+    def deliver(tick: Batch) -> bool:
+        offered.append(tick)
+        return True
+
+    with broadcaster.subscribe() as sub:
+        broadcaster.publish(batch(1), now=1.0)  # fills the buffer
+        broadcaster.publish(batch(2, ("A",)), now=2.0)  # conflated: A #2 pending
+        with anyio.fail_after(DEADLINE):
+            assert await sub.receive() == [batch(1)]
+            async with anyio.create_task_group() as tg:
+                received: list[Batch] = []
+
+                async def receive() -> None:
+                    received.extend(await sub.receive(direct=deliver))
+
+                tg.start_soon(receive)
+                await anyio.wait_all_tasks_blocked()
+                broadcaster.publish(batch(3, ("B",)), now=3.0)
+    # The pending A #2 is older than B #3: both go through the buffer, A first.
+    assert offered == []
+    assert received == [(Tick("A", 2), Tick("B", 3))]

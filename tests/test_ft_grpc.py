@@ -535,6 +535,41 @@ async def test_drain_deadline_warning_counts_the_stuck_stream() -> None:
 # --- slow consumers --------------------------------------------------------------
 
 
+async def test_a_client_reading_in_bursts_gets_every_tick_once_in_order() -> None:
+    """Stalls long enough to fill the flow-control window, then reads on.
+
+    FT writes a tick straight from publish() while a stream has room, and queues it
+    for the handler when it has none; this client makes it switch back and forth.
+    With a buffer big enough for every stall, nothing is conflated: every quote
+    must arrive exactly once, in order.
+    """
+    config = ft_config(
+        instruments=bulky_instruments(count=3, name_length=3000),
+        tick_interval=0.01,
+        subscriber_buffer=10_000,
+        slow_consumer_timeout=DEADLINE * 2,
+    )
+    received: list[tuple[str, int]] = []
+    async with (
+        running_ft(config) as ft,
+        Channel("127.0.0.1", ft.port, config=SMALL_WINDOW) as channel,
+        quote_stream(channel) as quotes,
+    ):
+        with anyio.fail_after(DEADLINE):
+            async for quote in quotes:
+                received.append((quote.symbol, quote.sequence))
+                if len(received) % 30 == 0:
+                    await anyio.sleep(0.1)  # ten ticks of ~9 KB: more than the window
+                if len(received) == 300:
+                    break
+    last: dict[str, int] = {}
+    for symbol, sequence in received:
+        if symbol in last:
+            assert sequence == last[symbol] + 1, f"{symbol}: #{last[symbol]} then #{sequence}"
+        last[symbol] = sequence
+    assert len(last) == len(config.instruments)
+
+
 def _status_after_drop_with_grpcio(
     target: str, pb2: ModuleType, dropped: threading.Event
 ) -> grpc.StatusCode:

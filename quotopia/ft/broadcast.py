@@ -19,13 +19,26 @@ ticks behind, typically a client that reads slowly or not at all):
    :attr:`Broadcaster.slow_disconnects`.
 
 Nobody else waits for a slow subscriber at any point.
+
+*Direct delivery*, for the common case of a subscriber that keeps up: while it
+waits in :meth:`Subscription.receive` with nothing buffered, it may offer a
+function that delivers a tick on the spot (FT's writes the tick's bytes to the
+client's socket if flow control allows). :meth:`Broadcaster.publish` then calls
+that function instead of queueing the tick and waking the subscriber's task. Waking
+a task per subscriber per tick (a memory-stream hand-over, an event, a trip
+through the event loop) cost more than the write itself. The first time the
+function declines, the tick is queued as above and the subscriber wakes to send it
+the slow way; ticks stay in order because nothing is delivered directly again until
+the subscriber is back to waiting with an empty buffer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 import anyio
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 __all__ = ["Broadcaster", "BroadcasterClosed", "Subscription"]
@@ -37,6 +50,7 @@ class HasSymbol(Protocol):
 
 
 Q = TypeVar("Q", bound=HasSymbol)
+T = TypeVar("T")
 
 
 class BroadcasterClosed(Exception):
@@ -70,9 +84,39 @@ class Subscription(Generic[Q]):
         # (the broadcaster's clock) the subscriber has been behind.
         self._pending: dict[str, Q] = {}
         self._behind_since = 0.0
+        # Set only while receive() waits with nothing buffered: see _deliver().
+        self._direct: Callable[[tuple[Q, ...]], bool] | None = None
 
     def __enter__(self) -> Subscription[Q]:
         return self
+
+    async def receive(
+        self, direct: Callable[[tuple[Q, ...]], bool] | None = None
+    ) -> list[tuple[Q, ...]]:
+        """Every tick buffered so far, oldest first; waits until there is at least one.
+
+        Taking all buffered ticks at once lets a subscriber that fell behind catch
+        up with one write instead of one per tick.
+
+        ``direct``: while this waits, :meth:`Broadcaster.publish` offers each new
+        tick to ``direct`` instead of buffering it. ``direct`` either delivers the
+        tick itself, synchronously and completely, and returns True, or returns
+        False, and then that tick and every later one are buffered and returned by
+        this call. It must not raise.
+
+        Raises :class:`anyio.EndOfStream` once the updates have ended (see
+        :attr:`updates`) and everything buffered has been received.
+        """
+        await anyio.lowlevel.checkpoint()
+        ticks = _take_buffered(self.updates)
+        if ticks:
+            return ticks
+        self._direct = direct
+        try:
+            tick = await self.updates.receive()
+        finally:
+            self._direct = None
+        return [tick, *_take_buffered(self.updates)]
 
     def __exit__(self, *exc_info: object) -> None:
         self._send.close()
@@ -132,6 +176,13 @@ class Broadcaster(Generic[Q]):
             self._deliver(sub, quotes, now)
 
     def _deliver(self, sub: Subscription[Q], quotes: tuple[Q, ...], now: float) -> None:
+        direct = sub._direct
+        if direct is not None:
+            # Pending (conflated) quotes are older than this tick: they must go
+            # first, so they go through the stream, and this tick with them.
+            if not sub._pending and direct(quotes):
+                return
+            sub._direct = None
         if sub._pending:
             # Already behind: conflate this tick into what is waiting.
             for quote in quotes:
@@ -193,3 +244,13 @@ class Broadcaster(Generic[Q]):
         self._subscribers.discard(sub)
         if not self._subscribers and self._empty is not None:
             self._empty.set()
+
+
+def _take_buffered(updates: MemoryObjectReceiveStream[T]) -> list[T]:
+    """The items already waiting in ``updates``, taken without blocking."""
+    items = []
+    while True:
+        try:
+            items.append(updates.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            return items

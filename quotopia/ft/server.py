@@ -7,7 +7,7 @@
         serve() ── task group
           ├─ grpclib server .... QuoteService + grpc.health.v1 + reflection
           │    └─ one handler per stream (quotopia.ft.service)
-          └─ generator ......... every tick: market.step() → broadcaster.publish()
+          └─ generator ......... every tick: market.step() → encode → broadcaster.publish()
 
 The drain on shutdown: mark health NOT_SERVING, refuse new streams, end every open
 stream with status OK, wait for subscribers to leave (bounded by ``drain_timeout``),
@@ -38,12 +38,12 @@ from grpclib.reflection.v1 import reflection_pb2
 from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 from grpclib.server import Server
 
-from quotopia import _proto
 from quotopia._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from quotopia.errors import StartupError, describe_os_error
 from quotopia.ft.broadcast import Broadcaster
 from quotopia.ft.config import FTConfig
 from quotopia.ft.service import QuoteService
+from quotopia.ft.wire import EncodedQuote, encode_quotes
 from quotopia.market import Market, Quote
 
 __all__ = ["serve"]
@@ -68,7 +68,7 @@ async def serve(
     """
     _raise_open_file_limit()
     market = Market(config.instruments, config.seed)
-    broadcaster: Broadcaster[_proto.Quote] = Broadcaster(
+    broadcaster: Broadcaster[EncodedQuote] = Broadcaster(
         config.subscriber_buffer, config.slow_consumer_timeout
     )
     quotes = QuoteService(market.symbols, broadcaster)
@@ -204,44 +204,34 @@ def _raise_open_file_limit() -> None:
 
 async def _generate(
     market: Market,
-    broadcaster: Broadcaster[_proto.Quote],
+    broadcaster: Broadcaster[EncodedQuote],
     config: FTConfig,
     *,
     task_status: TaskStatus[None],
 ) -> None:
     """Publish the opening prices, then one step of the walk every tick interval.
 
+    Each quote is encoded into its gRPC message here, once, for every subscriber.
+
     Ticks follow a fixed schedule (no drift); if the process falls more than a tick
     behind, the schedule restarts from now instead of firing a burst of catch-up ticks.
     """
-    broadcaster.publish(_to_proto(market.open(_now())))
+    opening = market.open(_now())
+    broadcaster.publish(encode_quotes(opening))
     task_status.started()
     interval = config.tick_interval
     decimals = {i.symbol: i.decimals for i in config.instruments}
-    previous = {q.symbol: q.price for q in broadcaster.latest.values()}
+    previous = {q.symbol: q.price for q in opening}
     next_tick = anyio.current_time() + interval
     while True:
         await anyio.sleep_until(next_tick)
         step = market.step(_now())
-        broadcaster.publish(_to_proto(step))
+        broadcaster.publish(encode_quotes(step))
         _log_moves(step, previous, decimals)
         next_tick += interval
         now = anyio.current_time()
         if next_tick < now - interval:
             next_tick = now + interval
-
-
-def _to_proto(quotes: Iterable[Quote]) -> tuple[_proto.Quote, ...]:
-    return tuple(
-        _proto.Quote(
-            symbol=q.symbol,
-            price=q.price,
-            time=q.time,
-            change_percent=q.change_percent,
-            sequence=q.sequence,
-        )
-        for q in quotes
-    )
 
 
 def _log_moves(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import anyio
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Stream
@@ -12,6 +13,8 @@ from h2.errors import ErrorCodes
 
 from quotopia._proto import Quote, StreamQuotesRequest
 from quotopia.ft.broadcast import Broadcaster, BroadcasterClosed
+from quotopia.ft.wire import EncodedQuote, join_messages
+from quotopia.ft.writer import MessageWriter
 
 __all__ = ["QuoteService"]
 
@@ -26,10 +29,19 @@ class QuoteService:
 
     Implemented against grpclib's stream API rather than as an async generator, so
     the subscription's ``with`` block and cancel scope live in the handler's own task.
+
+    What a stream costs per tick, since that is what limits the number of
+    subscribers: the quotes arrive encoded (:mod:`quotopia.ft.wire`), and a tick
+    is one write of its bytes (:class:`~quotopia.ft.writer.MessageWriter`). While
+    the handler waits for updates, ``publish()`` makes that write itself when the
+    client's flow-control window has room (see
+    :meth:`~quotopia.ft.broadcast.Subscription.receive`), so a subscriber that
+    keeps up never wakes its handler's task at all.
     """
 
-    def __init__(self, symbols: Sequence[str], broadcaster: Broadcaster[Quote]) -> None:
+    def __init__(self, symbols: Sequence[str], broadcaster: Broadcaster[EncodedQuote]) -> None:
         self._canonical = {s.upper(): s for s in symbols}
+        self._all = frozenset(self._canonical.values())
         self._broadcaster = broadcaster
 
     def __mapping__(self) -> dict[str, Handler]:
@@ -45,7 +57,7 @@ class QuoteService:
         Raises a ``GRPCError(INVALID_ARGUMENT)`` naming the first unknown symbol.
         """
         if not requested:
-            return frozenset(self._canonical.values())
+            return self._all
         if len(requested) > MAX_REQUESTED_SYMBOLS:
             raise GRPCError(
                 Status.INVALID_ARGUMENT,
@@ -65,6 +77,8 @@ class QuoteService:
 
     async def stream_quotes(self, stream: Stream[StreamQuotesRequest, Quote]) -> None:
         wanted = self.resolve(await _receive_request(stream))
+        # None lets join_messages skip the per-quote test for the usual "all symbols".
+        only = None if wanted == self._all else wanted
         try:
             sub = self._broadcaster.subscribe()
         except BroadcasterClosed:
@@ -76,20 +90,28 @@ class QuoteService:
             ",".join(sorted(wanted)),
             self._broadcaster.subscriber_count,
         )
+        writer = MessageWriter(stream)
+
+        def write_now(tick: tuple[EncodedQuote, ...]) -> bool:
+            # Called by publish() while this task waits: see Subscription.receive.
+            data = join_messages(tick, only)
+            return not data or writer.write_nowait(data)
+
         sending = False  # True while a message may be half-written
         try:
             with sub, sub.cancel_scope:
-                for quote in sub.snapshot:
-                    if quote.symbol in wanted:
+                await writer.start()
+                data = join_messages(sub.snapshot, only)
+                while True:
+                    if data:
                         sending = True
-                        await stream.send_message(quote)
+                        await writer.write(data)
                         sending = False
-                async for batch in sub.updates:
-                    for quote in batch:
-                        if quote.symbol in wanted:
-                            sending = True
-                            await stream.send_message(quote)
-                            sending = False
+                    try:
+                        ticks = await sub.receive(direct=write_now)
+                    except anyio.EndOfStream:
+                        break
+                    data = b"".join([join_messages(tick, only) for tick in ticks])
         finally:
             reason = " (slow consumer)" if sub.slow else ""
             logger.info(
