@@ -183,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
         "FT's tick interval",
         SECONDS,
     )
+    _option(
+        core,
+        "--workers",
+        "CORE_WORKERS",
+        "1",
+        "processes serving HTTP on the one port, each with its own feed from FT",
+        COUNT,
+    )
     _add_log_level(core)
 
     up = commands.add_parser(
@@ -242,7 +250,12 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             ft_addr=args.ft_addr,
             backoff_cap=args.backoff_cap,
             feed_timeout=args.feed_timeout,
+            workers=args.workers,
         )
+        if core_config.workers > 1:
+            from quotopia.core.workers import run_workers
+
+            return partial(run_workers, core_config, args.log_level)
         return _service(partial(serve_core, core_config), "quotopia.core", "trio", args.log_level)
 
     from quotopia.up import run_up

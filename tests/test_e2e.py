@@ -290,6 +290,7 @@ DOCUMENTED = {
         "--ft-addr",
         "--backoff-cap",
         "--feed-timeout",
+        "--workers",
         "--log-level",
     ],
     ("up",): ["--ft-port", "--core-port", "--log-level"],

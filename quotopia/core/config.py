@@ -36,6 +36,8 @@ class CoreConfig:
     feed_timeout: float = 5.0
     #: Seconds in-flight HTTP requests get to finish on shutdown.
     graceful_timeout: float = 1.0
+    #: Processes serving HTTP on the one port, each a whole Core with its own feed.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -52,6 +54,8 @@ class CoreConfig:
             raise ValueError(f"feed timeout must be positive, got {self.feed_timeout}")
         if not (math.isfinite(self.graceful_timeout) and self.graceful_timeout >= 0):
             raise ValueError(f"graceful timeout must be >= 0, got {self.graceful_timeout}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
 
     @property
     def ft_host_port(self) -> tuple[str, int]:

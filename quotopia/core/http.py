@@ -74,9 +74,13 @@ class FinishResponses:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         async def finishing_send(message: ASGISendEvent) -> None:
-            last = message["type"] == "http.response.body" and not message.get("more_body")
             try:
-                with trio.move_on_after(FINISH_TIMEOUT, shield=last):
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    with trio.move_on_after(FINISH_TIMEOUT, shield=True):
+                        await send(message)
+                else:
+                    # Only the end needs the protection, and a cancel scope with a
+                    # deadline costs ~10 µs: 2% of a whole request on the fast path.
                     await send(message)
             except trio.BusyResourceError:
                 pass

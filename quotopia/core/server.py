@@ -7,17 +7,22 @@
         serve()
           trio_asyncio.open_loop()     (grpclib needs an asyncio loop)
             nursery
-            ├─ hypercorn.trio.serve .. the quart-trio app; returns on shutdown_trigger
+            ├─ hypercorn.trio.serve .. the quart-trio app behind PreparedQuotes (the two
+            │                          hot GETs); returns on shutdown_trigger
             └─ supervise_feed ........ reconnect loop → one gRPC session → store
 
 When the HTTP server returns (after finishing in-flight requests), the nursery is
 cancelled, which stops the feed consumer. If either task crashes, the other is
 cancelled and the error propagates: nothing runs unsupervised.
+
+With ``--workers N``, each of N processes runs this same tree on a socket their
+parent bound (see :mod:`quotopia.core.workers`).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -27,7 +32,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 
-from quotopia.core.app import create_app
+from quotopia.core.app import PreparedQuotes, create_app
 from quotopia.core.config import CoreConfig
 from quotopia.core.feed import Session, grpc_session, supervise_feed
 from quotopia.core.http import (
@@ -49,29 +54,44 @@ async def serve(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     session: Session = grpc_session,
+    listener: socket.socket | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run Core until ``shutdown_trigger`` returns or until cancelled.
 
-    Calls ``task_status.started(port)`` once listening, with the real port.
+    Listens on ``config.host:config.port``, or on ``listener`` if given: a bound,
+    listening socket (one worker's share of ``quotopia core --workers``), which
+    ``serve`` takes over. Calls ``task_status.started(port)`` once listening, with
+    the real port.
     """
     store = QuoteStore()
-    app = FinishResponses(create_app(store))
+    app = FinishResponses(PreparedQuotes(create_app(store), store))
     json_protocol_errors()
     track_connections()
+    hypercorn_config = _hypercorn_config(config)
+    if listener is not None:
+        # hypercorn wraps the descriptor in a socket of its own, which then owns it.
+        hypercorn_config.bind = [f"fd://{listener.detach()}"]
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         try:
             binds = await nursery.start(
-                _serve_http, app, _hypercorn_config(config), shutdown_trigger, nursery.cancel_scope
+                _serve_http, app, hypercorn_config, shutdown_trigger, nursery.cancel_scope
             )
         except* OSError as group:
             raise StartupError(
                 f"cannot listen on {config.host}:{config.port}: {describe_os_error(group)}"
             ) from None
         port = int(binds[0].rsplit(":", 1)[1])
-        logger.info(
-            "Core listening on http://%s:%d, feed from FT at %s", config.host, port, config.ft_addr
-        )
+        if listener is None:
+            logger.info(
+                "Core listening on http://%s:%d, feed from FT at %s",
+                config.host,
+                port,
+                config.ft_addr,
+            )
+        else:
+            # The parent announces the port, once for all its workers.
+            logger.info("serving port %d, feed from FT at %s", port, config.ft_addr)
         nursery.start_soon(partial(supervise_feed, config, store, session=session))
         task_status.started(port)
     logger.info("Core stopped")

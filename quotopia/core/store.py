@@ -1,8 +1,9 @@
 """Core's state: the latest quote per symbol and the feed's health.
 
 The feed consumer is the only writer; HTTP handlers only read. Nothing here awaits,
-so a read never sees a half-applied update. The JSON of ``GET /quotes`` is rendered
-once per update, not once per request.
+so a read never sees a half-applied update. The JSON bodies of ``GET /quotes`` and
+``GET /quotes/<symbol>`` are rendered once per update, not once per request (only a
+quote's ``age_seconds`` changes between two updates; it is appended per request).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 __all__ = ["QuoteStore", "StoredQuote"]
 
@@ -37,6 +38,8 @@ class QuoteStore:
         self._clock = clock
         self._quotes: dict[str, StoredQuote] = {}
         self._quotes_json: bytes | None = b"{}"
+        #: Per symbol, the body of GET /quotes/<symbol> up to its ``age_seconds`` value.
+        self._quote_heads: dict[str, bytes] = {}
         #: Is a stream from FT open right now?
         self.connected = False
         #: How many times the feed was (re)established after a loss.
@@ -51,10 +54,10 @@ class QuoteStore:
     ) -> None:
         """Record one quote from the feed."""
         now = self._clock()
-        self._quotes[symbol.upper()] = StoredQuote(
-            symbol, price, time, change_percent, sequence, now
-        )
+        key = symbol.upper()
+        self._quotes[key] = StoredQuote(symbol, price, time, change_percent, sequence, now)
         self._quotes_json = None
+        self._quote_heads.pop(key, None)
         self._last_update = now
         self.updates += 1
 
@@ -84,6 +87,23 @@ class QuoteStore:
             self._quotes_json = json.dumps(prices).encode()
         return self._quotes_json
 
+    def quote_json(self, symbol: str) -> bytes | None:
+        """The body of ``GET /quotes/<symbol>`` (matched case-insensitively), or None.
+
+        ``{"symbol": "BTC", "price": 95432.12, "time": "2025-01-11T22:30:00.123Z",
+        "change_percent": 0.034, "sequence": 7, "age_seconds": 1.234}``, exactly as
+        ``json.dumps`` writes it: all but the age is rendered once per update.
+        """
+        key = symbol.upper()
+        found = self._quotes.get(key)
+        if found is None:
+            return None
+        head = self._quote_heads.get(key)
+        if head is None:
+            head = self._quote_heads[key] = _render_head(found)
+        # json.dumps writes a float as its repr(); the age is never NaN or infinite.
+        return head + repr(round(self.age(found), 3)).encode() + b"}"
+
     def feed_status(self) -> dict[str, object]:
         """The ``feed`` object of ``GET /health``."""
         age = None if self._last_update is None else round(self._clock() - self._last_update, 3)
@@ -92,3 +112,22 @@ class QuoteStore:
             "last_update_age_seconds": age,
             "reconnects": self.reconnects,
         }
+
+
+def _render_head(quote: StoredQuote) -> bytes:
+    """A quote's JSON up to the value of ``age_seconds``, its last member."""
+    rendered = json.dumps(
+        {
+            "symbol": quote.symbol,
+            "price": quote.price,
+            "time": None if quote.time is None else _rfc3339_precise(quote.time),
+            "change_percent": round(quote.change_percent, 4),
+            "sequence": quote.sequence,
+        }
+    )
+    return rendered[:-1].encode() + b', "age_seconds": '
+
+
+def _rfc3339_precise(moment: datetime) -> str:
+    """RFC 3339 UTC with milliseconds: quote times are finer than a second."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
