@@ -1,4 +1,4 @@
-"""The baselines the bench measures Quotopia against, and Core on several workers.
+"""The baselines the bench measures Quotopia against, and Core with a probe.
 
 Each is a command of ``python -m scripts.bench.peers``, started by the bench:
 
@@ -10,11 +10,6 @@ Each is a command of ``python -m scripts.bench.peers``, started by the bench:
     protoc-generated classes, Quotopia's own market walk and Quotopia's own
     :class:`~quotopia.ft.broadcast.Broadcaster` (one bounded queue per subscriber,
     the same slow-consumer policy). Only the gRPC stack differs from FT.
-``core-workers``
-    Core on N worker processes sharing one listening socket, as a proposed
-    ``quotopia core --workers N`` would run it (a stand-in until Core has the flag).
-    The parent binds the socket, so port 0 works and the port is known; each worker
-    runs Core's own ``serve()`` (hypercorn + feed consumer) on that socket.
 ``core-instrumented``
     Core's own ``serve()``, recording the wall-clock time at which each quote
     reaches its store (for the freshness part): the one probe the bench adds.
@@ -28,8 +23,6 @@ import argparse
 import json
 import logging
 import signal
-import socket
-import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -202,72 +195,6 @@ async def _ft_main(args: argparse.Namespace) -> None:
             tg.cancel_scope.cancel()
 
 
-# --- core-workers: Core on N processes ------------------------------------------------
-
-
-def _serve_core_workers(args: argparse.Namespace) -> int:
-    """Bind once, start N workers on the socket, pass SIGTERM/SIGINT on to them."""
-    sock = socket.create_server((args.host, args.port), backlog=1024)
-    sock.set_inheritable(True)
-    port = sock.getsockname()[1]
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "scripts.bench.peers",
-                "core-worker",
-                f"--fd={sock.fileno()}",
-                f"--ft-addr={args.ft_addr}",
-                f"--log-level={args.log_level}",
-            ],
-            pass_fds=(sock.fileno(),),
-        )
-        for _ in range(args.workers)
-    ]
-    sock.close()
-    logger.warning(
-        "Core listening on http://%s:%d, feed from FT at %s (%d workers, bench stand-in)",
-        args.host,
-        port,
-        args.ft_addr,
-        args.workers,
-    )
-    # Blocked only now: the workers must not inherit a mask that hides SIGTERM.
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    while all(worker.poll() is None for worker in workers):
-        if signal.sigtimedwait(stop_signals, 0.5) is not None:
-            break
-    for worker in workers:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-    status = 0
-    for worker in workers:
-        try:
-            status |= worker.wait(10)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            status |= worker.wait()
-    return status
-
-
-def _serve_core_worker(args: argparse.Namespace) -> None:
-    """One of core-workers' processes: Core's own serve() on the inherited socket."""
-    from quotopia.core import server
-
-    # Only hypercorn's bind changes, so the worker stays what Core is, whatever it becomes.
-    configure_hypercorn = server._hypercorn_config
-
-    def on_inherited_socket(*args_: Any, **kwargs: Any) -> Any:
-        hypercorn = configure_hypercorn(*args_, **kwargs)
-        hypercorn.bind = [f"fd://{args.fd}"]
-        return hypercorn
-
-    server._hypercorn_config = on_inherited_socket
-    _run_core(args.ft_addr, port=0)
-
-
 # --- core-instrumented: Core, recording when each quote reaches its store -------------
 
 
@@ -331,19 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ft.add_argument("--subscriber-buffer", type=int, default=16)
     ft.add_argument("--slow-consumer-timeout", type=float, default=10.0)
 
-    workers = commands.add_parser("core-workers", help="Core on N processes, one socket")
-    workers.add_argument("--ft-addr", required=True)
-    workers.add_argument("--workers", type=int, default=2)
-
-    worker = commands.add_parser("core-worker", help="one of core-workers' processes")
-    worker.add_argument("--fd", type=int, required=True)
-    worker.add_argument("--ft-addr", required=True)
-
     probed = commands.add_parser("core-instrumented", help="Core, timing each quote's arrival")
     probed.add_argument("--ft-addr", required=True)
     probed.add_argument("--record", required=True, help="JSON file written at exit")
 
-    for command in (asgi, ft, workers, worker, probed):
+    for command in (asgi, ft, probed):
         command.add_argument("--host", default="127.0.0.1")
         command.add_argument("--port", type=int, default=0)
         command.add_argument("--log-level", default="WARNING")
@@ -356,12 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _serve_asgi(args)
     elif args.command == "ft":
         _serve_ft(args)
-    elif args.command == "core-workers":
-        return _serve_core_workers(args)
-    elif args.command == "core-instrumented":
-        _serve_core_instrumented(args)
     else:
-        _serve_core_worker(args)
+        _serve_core_instrumented(args)
     return 0
 
 

@@ -18,9 +18,14 @@ class Plan:
     mode: str
     # 1. Core REST, under wrk
     rest_connections: int = 64
-    #: Seconds of wrk before each measured run (0: none).
+    #: Seconds of wrk on each server before the measured runs of a path (0: none).
     rest_warmup_s: int = 2
-    rest_duration_s: int = 10
+    #: Seconds of each measured wrk run.
+    rest_duration_s: int = 4
+    #: Solo rounds: wrk on each server in turn, the order rotating each round.
+    rest_rounds: int = 3
+    #: Paired rounds: Core and the raw app under wrk at once, on a CPU each.
+    rest_pairs: int = 4
     rest_workers: int = 2
     # 2. FT fan-out at the 1 s tick
     fanout_sizes: tuple[int, ...] = (100, 1_000, 5_000, 10_000)
@@ -74,7 +79,9 @@ def plan_for(mode: str, **overrides: object) -> Plan:
         "full": {},
         "quick": {
             "rest_warmup_s": 1,
-            "rest_duration_s": 3,
+            "rest_duration_s": 2,
+            "rest_rounds": 2,
+            "rest_pairs": 2,
             "fanout_sizes": (100, 1_000),
             "fanout_warmup_s": 2.0,
             "fanout_window_s": 5.0,
@@ -87,6 +94,8 @@ def plan_for(mode: str, **overrides: object) -> Plan:
         "smoke": {
             "rest_warmup_s": 0,
             "rest_duration_s": 1,
+            "rest_rounds": 1,
+            "rest_pairs": 1,
             "fanout_sizes": (10,),
             "fanout_warmup_s": 0.5,
             "fanout_window_s": 2.0,

@@ -153,6 +153,16 @@ class Service:
         except psutil.NoSuchProcess:
             return []
 
+    def thread_ids(self) -> list[int]:
+        """The ids of every thread of the process and its children."""
+        ids = []
+        for proc in self._tree():
+            try:
+                ids += [thread.id for thread in proc.threads()]
+            except psutil.NoSuchProcess:
+                continue
+        return ids
+
     def cpu_seconds(self) -> float:
         """User + system CPU time so far, of the process and its children."""
         total = 0.0
@@ -294,16 +304,10 @@ def start_ft(tick: float = 1.0, *, extra: Sequence[str] = ()) -> tuple[Service, 
 def start_core(ft_port: int, *, workers: int = 1) -> tuple[Service, int]:
     """Start ``quotopia core`` on 127.0.0.1, port 0, fed by FT; return it and its port.
 
-    With ``workers > 1``: ``quotopia core --workers N`` if the CLI has that flag,
-    else the bench's stand-in for it (:mod:`.peers`, ``core-workers``).
+    With ``workers > 1``: ``quotopia core --workers N``.
     """
-    common = ["--host=127.0.0.1", "--port=0", f"--ft-addr=127.0.0.1:{ft_port}"]
-    if workers == 1:
-        argv = quotopia_argv("core", *common)
-    elif core_has_workers_flag():
-        argv = quotopia_argv("core", *common, f"--workers={workers}")
-    else:
-        argv = [sys.executable, "-m", "scripts.bench.peers", "core-workers", *common]
+    argv = quotopia_argv("core", "--host=127.0.0.1", "--port=0", f"--ft-addr=127.0.0.1:{ft_port}")
+    if workers > 1:
         argv.append(f"--workers={workers}")
     core = Service("core" if workers == 1 else f"core-x{workers}", argv)
     try:
@@ -312,20 +316,6 @@ def start_core(ft_port: int, *, workers: int = 1) -> tuple[Service, int]:
         core.stop()
         raise
     return core, int(found[1])
-
-
-_workers_flag: bool | None = None
-
-
-def core_has_workers_flag() -> bool:
-    """Does ``quotopia core`` take ``--workers`` (the patch proposed with the bench)?"""
-    global _workers_flag
-    if _workers_flag is None:
-        shown = subprocess.run(
-            quotopia_argv("core", "--help"), capture_output=True, text=True, check=False, cwd=ROOT
-        )
-        _workers_flag = "--workers" in shown.stdout
-    return _workers_flag
 
 
 # --- probes ---------------------------------------------------------------------------

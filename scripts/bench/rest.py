@@ -1,35 +1,50 @@
 """Part 1: Core's REST API under wrk, beside the ceiling of its server.
 
 ``GET /quotes`` and ``GET /quotes/BTC`` over keep-alive connections (wrk -t1
--c64), each after a warm-up run, on:
+-c64) on three servers, all started at once and left running for the whole part:
 
 - Core (``quotopia core``), fed by a real FT at the 1 s tick;
 - a raw ASGI app on hypercorn's Trio worker returning the bytes Core returned
-  (captured at the start of the run): the ceiling of Core's server;
-- Core on 2 workers (``--workers 2`` if Core has it, else the bench's stand-in).
+  (captured at the start of the part): the ceiling of Core's server;
+- Core on 2 workers (``quotopia core --workers 2``).
 
-wrk's own CPU time is reported beside the server's, to show whether the client,
+On a shared machine the same server under the same wrk run twice can differ by a
+third, so a single run of each, one after the other, says little about their
+ratio. Two measurements, each repeated, each reported as a median:
+
+- **solo rounds**: wrk on one server at a time; each round runs every server once,
+  in an order that rotates from round to round. This gives each server's req/s and
+  latency, and the 2-worker ÷ 1-worker ratio of each round;
+- **paired rounds**: Core and the raw app under two wrk runs *at the same time*,
+  each server pinned to a CPU of its own (Linux), the CPUs swapped each round.
+  Whatever else the machine is doing falls on both alike: the ratio of the two is
+  what "Core at N % of its server's ceiling" means.
+
+wrk's own CPU time is reported beside the servers', to show whether the client,
 not the server, was the limit.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .plan import Context
 from .procs import (
     BenchError,
     Sampler,
     Service,
-    core_has_workers_flag,
     core_ready,
     ft_ready,
     http_get,
@@ -39,7 +54,7 @@ from .procs import (
 )
 from .report import Part, Row, ms, pct, rate
 
-__all__ = ["PATHS", "WrkResult", "parse_wrk", "require_wrk", "run", "run_wrk"]
+__all__ = ["PATHS", "WrkResult", "parse_wrk", "require_wrk", "run", "run_wrk", "run_wrks"]
 
 PATHS = ("/quotes", "/quotes/BTC")
 
@@ -47,6 +62,12 @@ WRK_MISSING = (
     "wrk is not installed, and the REST and freshness parts need it: "
     "`apt-get install -y wrk` (Debian/Ubuntu), or `brew install wrk`"
 )
+
+#: The servers of the solo rounds, by the names their figures are saved under.
+CORE, RAW, MULTI = "core", "raw_asgi", "core_multi"
+
+#: One measured wrk run, as saved in the JSON: :class:`WrkResult`'s fields plus CPU.
+Figures = dict[str, Any]
 
 
 @dataclass
@@ -108,58 +129,213 @@ def parse_wrk(output: str) -> dict[str, float | int | None]:
     }
 
 
+def run_wrks(urls: Sequence[str], *, connections: int, duration_s: int) -> list[WrkResult]:
+    """One wrk (one thread, keep-alive connections) per URL, all at the same time.
+
+    Their CPU time is measured together (the children's rusage), and shared out
+    evenly: the runs are alike, and only the total matters for the verdict "was
+    the client the limit".
+    """
+    argv = [require_wrk(), "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    runs = [
+        subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for url in urls
+    ]
+    outputs: list[tuple[int, str, str]] = []
+    try:
+        for wrk in runs:
+            out, err = wrk.communicate(timeout=duration_s + 60)
+            outputs.append((wrk.returncode, out, err))
+    finally:
+        for wrk in runs:
+            if wrk.poll() is None:
+                wrk.kill()
+                wrk.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    results = []
+    for code, out, err in outputs:
+        if code != 0:
+            raise BenchError(f"wrk failed ({code}): {err or out}")
+        results.append(WrkResult(**parse_wrk(out), client_cpu_s=cpu / len(urls)))  # type: ignore[arg-type]
+    return results
+
+
 def run_wrk(url: str, *, connections: int, duration_s: int) -> WrkResult:
     """One wrk run (one thread, keep-alive connections); also measures wrk's CPU."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(
-        [require_wrk(), "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", url],
-        capture_output=True,
-        text=True,
-        timeout=duration_s + 60,
-        check=False,
-    )
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
-    parsed = parse_wrk(done.stdout)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return WrkResult(**parsed, client_cpu_s=cpu)  # type: ignore[arg-type]
+    return run_wrks([url], connections=connections, duration_s=duration_s)[0]
 
 
-def _measure(ctx: Context, service: Service, port: int) -> dict[str, dict[str, object]]:
-    plan = ctx.plan
-    out: dict[str, dict[str, object]] = {}
-    for path in PATHS:
-        url = f"http://127.0.0.1:{port}{path}"
-        if plan.rest_warmup_s:
-            run_wrk(url, connections=plan.rest_connections, duration_s=plan.rest_warmup_s)
+def _figures(result: WrkResult, sampler: Sampler, *services: Service) -> Figures:
+    """A wrk result, with the CPU of ``services`` (in order) and of everyone else."""
+    cpus = [sampler.cpu_pct(service) for service in services]
+    return {
+        **asdict(result),
+        "client_cpu_pct": result.client_cpu_pct,
+        "server_cpu_pct": cpus[0],
+        "server_peak_rss": sampler.peak_rss(services[0]),
+        "machine_busy_pct": sampler.machine_busy_pct,
+        "others_cpu_pct": others_cpu_pct(
+            sampler.machine_busy_pct, *cpus, result.client_cpu_pct * len(services)
+        ),
+    }
+
+
+# --- CPU pinning for the paired rounds ------------------------------------------------
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (all of them where affinity is unknown)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def pin(service: Service, cpus: Sequence[int]) -> None:
+    """Run every thread of ``service`` (and of its children) on ``cpus`` only (Linux).
+
+    Affinity is per thread and only new threads inherit it, hence every thread.
+    """
+    for tid in service.thread_ids():
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # the thread ended meanwhile
+            continue
+
+
+# --- the part -------------------------------------------------------------------------
+
+
+def _solo_round(
+    ctx: Context, path: str, servers: dict[str, tuple[Service, int]], order: Sequence[str]
+) -> dict[str, Figures]:
+    figures = {}
+    for name in order:
+        service, port = servers[name]
         with Sampler(service) as sampler:
             result = run_wrk(
-                url, connections=plan.rest_connections, duration_s=plan.rest_duration_s
+                f"http://127.0.0.1:{port}{path}",
+                connections=ctx.plan.rest_connections,
+                duration_s=ctx.plan.rest_duration_s,
             )
-        out[path] = {
-            **asdict(result),
-            "client_cpu_pct": result.client_cpu_pct,
-            "server_cpu_pct": sampler.cpu_pct(service),
-            "server_peak_rss": sampler.peak_rss(service),
-            "machine_busy_pct": sampler.machine_busy_pct,
-            "others_cpu_pct": others_cpu_pct(
-                sampler.machine_busy_pct, sampler.cpu_pct(service), result.client_cpu_pct
-            ),
-        }
+        figures[name] = _figures(result, sampler, service)
+        _warn_errors(ctx, service, result)
+    return figures
+
+
+def _paired_round(
+    ctx: Context,
+    path: str,
+    core: tuple[Service, int],
+    raw: tuple[Service, int],
+    cpus: tuple[Sequence[int], Sequence[int]] | None,
+) -> dict[str, object]:
+    (core_service, core_port), (raw_service, raw_port) = core, raw
+    if cpus is not None:
+        pin(core_service, cpus[0])
+        pin(raw_service, cpus[1])
+    try:
+        with Sampler(core_service, raw_service) as sampler:
+            core_result, raw_result = run_wrks(
+                [f"http://127.0.0.1:{core_port}{path}", f"http://127.0.0.1:{raw_port}{path}"],
+                connections=ctx.plan.rest_connections,
+                duration_s=ctx.plan.rest_duration_s,
+            )
+    finally:
+        if cpus is not None:
+            everything = usable_cpus()
+            pin(core_service, everything)
+            pin(raw_service, everything)
+    _warn_errors(ctx, core_service, core_result)
+    _warn_errors(ctx, raw_service, raw_result)
+    return {
+        "core": _figures(core_result, sampler, core_service, raw_service),
+        "raw_asgi": _figures(raw_result, sampler, raw_service, core_service),
+        "core_cpus": list(cpus[0]) if cpus else None,
+        "raw_cpus": list(cpus[1]) if cpus else None,
+        "ratio": _ratio(core_result.requests_per_s, raw_result.requests_per_s),
+    }
+
+
+def _warn_errors(ctx: Context, service: Service, result: WrkResult) -> None:
+    if result.non_2xx or result.socket_errors:
         ctx.log(
-            f"  {service.name} GET {path}: {result.requests_per_s:,.0f} req/s, "
-            f"p50 {ms(result.latency_p50_s)}, p99 {ms(result.latency_p99_s)}"
+            f"  ! {service.name}: {result.non_2xx} non-2xx responses, "
+            f"{result.socket_errors} socket errors"
         )
-        if result.non_2xx or result.socket_errors:
-            ctx.log(f"  ! {result.non_2xx} non-2xx responses, {result.socket_errors} socket errors")
-    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _measure_path(
+    ctx: Context, path: str, servers: dict[str, tuple[Service, int]]
+) -> dict[str, object]:
+    plan = ctx.plan
+    names = list(servers)
+    if plan.rest_warmup_s:
+        for _, port in servers.values():
+            run_wrk(
+                f"http://127.0.0.1:{port}{path}",
+                connections=plan.rest_connections,
+                duration_s=plan.rest_warmup_s,
+            )
+    solo: dict[str, list[Figures]] = {name: [] for name in names}
+    for number in range(plan.rest_rounds):
+        order = names[number % len(names) :] + names[: number % len(names)]
+        for name, figures in _solo_round(ctx, path, servers, order).items():
+            solo[name].append(figures)
+    rps = {name: [float(f["requests_per_s"]) for f in runs] for name, runs in solo.items()}
+    ctx.log(
+        f"  GET {path} solo, req/s per round: "
+        + "; ".join(f"{name} {', '.join(f'{r:,.0f}' for r in rs)}" for name, rs in rps.items())
+    )
+
+    cpus = usable_cpus()
+    pinned = len(cpus) >= 2 and hasattr(os, "sched_setaffinity")
+    paired = []
+    for number in range(plan.rest_pairs):
+        first, second = ([cpus[0]], [cpus[1]]) if number % 2 == 0 else ([cpus[1]], [cpus[0]])
+        paired.append(
+            _paired_round(
+                ctx, path, servers[CORE], servers[RAW], (first, second) if pinned else None
+            )
+        )
+    ratios = [p["ratio"] for p in paired if isinstance(p["ratio"], float)]
+    ctx.log(
+        f"  GET {path} paired, Core ÷ raw per round: "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + ("" if pinned else " (not pinned: fewer than 2 CPUs)")
+    )
+    multi_ratios = [
+        r for m, c in zip(rps[MULTI], rps[CORE], strict=True) if (r := _ratio(m, c)) is not None
+    ]
+    return {
+        "solo": solo,
+        "paired": paired,
+        "pinned": pinned,
+        "median_rps": {name: statistics.median(rs) for name, rs in rps.items()},
+        "core_vs_raw": statistics.median(ratios) if ratios else None,
+        "multi_vs_core": statistics.median(multi_ratios) if multi_ratios else None,
+        "multi_vs_core_rounds": multi_ratios,
+    }
 
 
 def run(ctx: Context) -> Part:
     require_wrk()
-    ctx.log("REST: Core, raw ASGI on hypercorn (Trio), Core on 2 workers")
-    data: dict[str, object] = {"connections": ctx.plan.rest_connections}
+    workers = ctx.plan.rest_workers
+    ctx.log(
+        f"REST: Core, raw ASGI on hypercorn (Trio), Core on {workers} workers; "
+        f"{ctx.plan.rest_rounds} solo and {ctx.plan.rest_pairs} paired rounds "
+        f"of {ctx.plan.rest_duration_s}s per path"
+    )
+    data: dict[str, Any] = {
+        "connections": ctx.plan.rest_connections,
+        "duration_s": ctx.plan.rest_duration_s,
+        "workers": workers,
+    }
     ft, ft_port = start_ft(1.0)
     with ft, tempfile.TemporaryDirectory(prefix="quotopia-bench-") as tmp:
         ft_ready(ft, ft_port, ctx.pb, 30)
@@ -167,67 +343,100 @@ def run(ctx: Context) -> Part:
         with core:
             core_ready(core, port, 30)
             bodies = {path: http_get(port, path)[1].decode() for path in PATHS}
-            data["core"] = _measure(ctx, core, port)
-        bodies_file = Path(tmp) / "bodies.json"
-        bodies_file.write_text(json.dumps(bodies))
-        raw = Service(
-            "raw-asgi",
-            [sys.executable, "-m", "scripts.bench.peers", "asgi", f"--bodies={bodies_file}"],
-        )
-        with raw:
-            raw_port = int(raw.wait_line(r"raw ASGI listening on http://127\.0\.0\.1:(\d+)", 30)[1])
-            data["raw_asgi"] = _measure(ctx, raw, raw_port)
-        workers = ctx.plan.rest_workers
-        multi, multi_port = start_core(ft_port, workers=workers)
-        with multi:
-            core_ready(multi, multi_port, 30, probes=4 * workers)
-            data[f"core_x{workers}"] = _measure(ctx, multi, multi_port)
-        data["workers_via"] = (
-            "quotopia core --workers" if core_has_workers_flag() else "bench stand-in"
-        )
+            bodies_file = Path(tmp) / "bodies.json"
+            bodies_file.write_text(json.dumps(bodies))
+            raw = Service(
+                "raw-asgi",
+                [sys.executable, "-m", "scripts.bench.peers", "asgi", f"--bodies={bodies_file}"],
+            )
+            with raw:
+                ready = raw.wait_line(r"raw ASGI listening on http://127\.0\.0\.1:(\d+)", 30)
+                multi, multi_port = start_core(ft_port, workers=workers)
+                with multi:
+                    core_ready(multi, multi_port, 30, probes=4 * workers)
+                    servers = {
+                        CORE: (core, port),
+                        RAW: (raw, int(ready[1])),
+                        MULTI: (multi, multi_port),
+                    }
+                    data["paths"] = {path: _measure_path(ctx, path, servers) for path in PATHS}
         data["bodies"] = bodies
-    return Part("rest", _rows(data, workers), data)
+    return Part("rest", _rows(data), data)
 
 
-def _rows(data: dict[str, object], workers: int) -> list[Row]:
-    core = data["core"]
-    raw = data["raw_asgi"]
-    multi = data[f"core_x{workers}"]
-    assert isinstance(core, dict)
-    assert isinstance(raw, dict)
-    assert isinstance(multi, dict)
+def _median_run(runs: list[Figures]) -> Figures:
+    """The run whose req/s is the median (the lower middle one of an even count)."""
+    ordered = sorted(runs, key=lambda f: float(f["requests_per_s"]))
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _spread(values: Sequence[float], fmt: str) -> str:
+    low, high = min(values), max(values)
+    return format(low, fmt) if low == high else f"{low:{fmt}}-{high:{fmt}}"
+
+
+def _rows(data: dict[str, Any]) -> list[Row]:
+    paths = data["paths"]
+    workers = data["workers"]
     rows = []
-    for path in PATHS:
-        c, r, m = core[path], raw[path], multi[path]
-        share = 100 * c["requests_per_s"] / r["requests_per_s"] if r["requests_per_s"] else None
+    for path, found in paths.items():
+        solo = found["solo"]
+        core, raw, multi = (_median_run(solo[name]) for name in (CORE, RAW, MULTI))
+        rounds = len(solo[CORE])
+        rps = {name: [f["requests_per_s"] for f in runs] for name, runs in solo.items()}
         rows.append(
             Row(
                 "1 REST",
                 f"GET {path}: req/s (64 conns)",
-                rate(c["requests_per_s"]),
-                f"raw ASGI: {rate(r['requests_per_s'])}",
-                f"Core at {pct(share)} of the ceiling; wrk CPU {pct(c['client_cpu_pct'])}; "
-                f"other processes {pct(c['others_cpu_pct'])} / {pct(r['others_cpu_pct'])}",
+                rate(core["requests_per_s"]),
+                f"raw ASGI: {rate(raw['requests_per_s'])}",
+                f"median of {rounds} solo runs of {data['duration_s']}s "
+                f"(Core {_spread(rps[CORE], ',.0f')}, raw {_spread(rps[RAW], ',.0f')}); "
+                f"wrk CPU {pct(core['client_cpu_pct'])}; "
+                f"other processes {pct(core['others_cpu_pct'])} / {pct(raw['others_cpu_pct'])}",
+            )
+        )
+        paired = found["paired"]
+        ratios = [p["ratio"] for p in paired if p["ratio"] is not None]
+        share = found["core_vs_raw"]
+        how = "each on a CPU of its own, swapped each round" if found["pinned"] else "unpinned"
+        rows.append(
+            Row(
+                "1 REST",
+                f"GET {path}: Core ÷ raw ASGI, paired",
+                "-" if share is None else f"{share:.2f}x",
+                "the ceiling: 1.00x",
+                f"median of {len(ratios)} rounds, both under wrk at once, {how}; "
+                f"per round {_spread(ratios, '.2f') if ratios else '-'}; server CPU: Core "
+                f"{pct(statistics.median(p['core']['server_cpu_pct'] for p in paired))}, raw "
+                f"{pct(statistics.median(p['raw_asgi']['server_cpu_pct'] for p in paired))}",
             )
         )
         rows.append(
             Row(
                 "1 REST",
                 f"GET {path}: p50 / p99",
-                f"{ms(c['latency_p50_s'])} / {ms(c['latency_p99_s'])}",
-                f"raw ASGI: {ms(r['latency_p50_s'])} / {ms(r['latency_p99_s'])}",
-                f"server CPU: Core {pct(c['server_cpu_pct'])}, raw {pct(r['server_cpu_pct'])}",
+                f"{ms(core['latency_p50_s'])} / {ms(core['latency_p99_s'])}",
+                f"raw ASGI: {ms(raw['latency_p50_s'])} / {ms(raw['latency_p99_s'])}",
+                f"the median solo runs; server CPU: Core {pct(core['server_cpu_pct'])}, "
+                f"raw {pct(raw['server_cpu_pct'])}",
             )
         )
+        multi_ratio = found["multi_vs_core"]
+        per_round = found["multi_vs_core_rounds"]
         rows.append(
             Row(
                 "1 REST",
                 f"GET {path}: req/s, {workers} workers",
-                f"{rate(m['requests_per_s'])} ({ms(m['latency_p50_s'])} / "
-                f"{ms(m['latency_p99_s'])})",
-                f"1 worker: {rate(c['requests_per_s'])}",
-                f"{data['workers_via']}; server CPU {pct(m['server_cpu_pct'])}; "
-                f"other processes {pct(m['others_cpu_pct'])}",
+                f"{rate(multi['requests_per_s'])} ({ms(multi['latency_p50_s'])} / "
+                f"{ms(multi['latency_p99_s'])})",
+                f"1 worker: {rate(core['requests_per_s'])}",
+                f"{workers} workers ÷ 1: "
+                f"{'-' if multi_ratio is None else f'{multi_ratio:.2f}x'} (median of rounds; "
+                f"per round {_spread(per_round, '.2f') if per_round else '-'}); "
+                f"quotopia core --workers {workers}; server CPU {pct(multi['server_cpu_pct'])}, "
+                f"wrk CPU {pct(multi['client_cpu_pct'])}; "
+                f"other processes {pct(multi['others_cpu_pct'])}",
             )
         )
     return rows
