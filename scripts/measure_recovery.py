@@ -20,153 +20,23 @@ HTTP round trip. Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+# The end-to-end tests' process helpers: the same services, started and watched
+# the same way, so this script measures exactly what tests/test_resilience.py checks.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-REPO = Path(__file__).resolve().parents[1]
-DEADLINE = 20.0
+from _procs import wait_until
+from _services import DEADLINE, Service, btc, feed, running_core, running_ft
+
+#: How often Core is polled while timing something.
 POLL = 0.02
-FT_READY = r"FT listening on 127\.0\.0\.1:(\d+) \("
-CORE_READY = r"Core listening on http://127\.0\.0\.1:(\d+),"
-
-_http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-class Service:
-    """``python -m quotopia *args``; its stderr read line by line, each line timed.
-
-    Leaving the ``with`` block kills the process if it still runs and reaps it.
-    """
-
-    def __init__(self, *args: str) -> None:
-        env = {
-            name: value
-            for name, value in os.environ.items()
-            if not name.startswith(("FT_", "CORE_")) and name != "LOG_LEVEL"
-        }
-        env["PYTHONUNBUFFERED"] = "1"
-        self.args = args
-        self._popen = subprocess.Popen(
-            [sys.executable, "-m", "quotopia", *args],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            env=env,
-        )
-        self._lines: list[tuple[float, str]] = []
-        self._closed = False
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def __enter__(self) -> Service:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._popen.poll() is None:
-            self._popen.kill()
-        self._popen.wait(DEADLINE)
-        self._reader.join(DEADLINE)
-        if self._popen.stderr is not None:
-            self._popen.stderr.close()
-
-    def _read(self) -> None:
-        assert self._popen.stderr is not None
-        try:
-            for line in self._popen.stderr:
-                read_at = time.monotonic()
-                with self._changed:
-                    self._lines.append((read_at, line.rstrip("\n")))
-                    self._changed.notify_all()
-        finally:
-            with self._changed:
-                self._closed = True
-                self._changed.notify_all()
-
-    def wait_for(self, pattern: str) -> tuple[re.Match[str], float]:
-        """The first line matching ``pattern``, and when it was read."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + DEADLINE
-        with self._changed:
-            while True:
-                for read_at, line in self._lines:
-                    if found := regex.search(line):
-                        return found, read_at
-                remaining = deadline - time.monotonic()
-                if self._closed or remaining <= 0:
-                    break
-                self._changed.wait(remaining)
-        log = "\n".join(line for _, line in self._lines)
-        raise RuntimeError(f"quotopia {' '.join(self.args)}: no line like {pattern!r}\n{log}")
-
-    def signal(self, signum: signal.Signals) -> None:
-        self._popen.send_signal(signum)
-
-    def wait(self) -> int:
-        return self._popen.wait(DEADLINE)
-
-    def stop(self) -> float:
-        """SIGTERM; return the seconds until the process exited with status 0."""
-        signalled = time.monotonic()
-        self.signal(signal.SIGTERM)
-        code = self.wait()
-        took = time.monotonic() - signalled
-        if code != 0:
-            raise RuntimeError(f"quotopia {' '.join(self.args)} exited with status {code}")
-        return took
-
-
-def wait_until(probe: Callable[[], T | None], what: str) -> T:
-    deadline = time.monotonic() + DEADLINE
-    while (result := probe()) is None:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {DEADLINE}s waiting for {what}")
-        time.sleep(POLL)
-    return result
-
-
-def get(port: int, path: str) -> tuple[int, Any]:
-    try:
-        with _http.open(f"http://127.0.0.1:{port}{path}", timeout=DEADLINE) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.load(error)
-
-
-def connected(port: int) -> bool:
-    status, body = get(port, "/health")
-    return status == 200 and bool(body["feed"]["connected"])
-
-
-def btc(port: int) -> dict[str, Any] | None:
-    status, body = get(port, "/quotes/BTC")
-    return body if status == 200 else None
 
 
 def made_after(port: int, than: datetime) -> dict[str, Any] | None:
@@ -176,36 +46,45 @@ def made_after(port: int, than: datetime) -> dict[str, Any] | None:
     return quote
 
 
-def ft_args(port: int) -> list[str]:
-    return ["ft", "--host", "127.0.0.1", "--port", str(port), "--tick-interval", "0.2"]
+def stop(service: Service) -> float:
+    """SIGTERM; return the seconds until the process exited with status 0."""
+    signalled = time.monotonic()
+    service.process.signal(signal.SIGTERM)
+    code = service.process.wait(DEADLINE)
+    took = time.monotonic() - signalled
+    if code != 0:
+        raise RuntimeError(f"exited with status {code}\n{service.process.output()}")
+    return took
 
 
 def one_run(cap: float) -> tuple[float, float, float, float]:
     """(kill → down, FT back → fresh, FT drain, Core drain), in seconds."""
-    with Service(*ft_args(0)) as ft:
-        port = int(ft.wait_for(FT_READY)[0][1])
-        core_args = ["--host", "127.0.0.1", "--port", "0", "--ft-addr", f"127.0.0.1:{port}"]
-        with Service("core", *core_args, "--backoff-cap", f"{cap:g}") as core:
-            core_port = int(core.wait_for(CORE_READY)[0][1])
-            wait_until(lambda: btc(core_port), "a BTC quote at Core")
+    with running_ft() as ft, running_core(ft.port, "--backoff-cap", f"{cap:g}") as core:
+        wait_until(lambda: btc(core.port), DEADLINE, interval=POLL, what="a BTC quote at Core")
 
-            killed_at = time.monotonic()
-            ft.signal(signal.SIGKILL)
-            wait_until(lambda: True if not connected(core_port) else None, "the feed down")
-            kill_to_down = time.monotonic() - killed_at
-            ft.wait()
-            # Core's store is frozen now: this is the last quote from the dead FT.
-            last = btc(core_port)
-            assert last is not None
-            last_time = datetime.fromisoformat(last["time"])
+        killed_at = time.monotonic()
+        ft.process.signal(signal.SIGKILL)
+        wait_until(
+            lambda: not feed(core.port)["connected"], DEADLINE, interval=POLL, what="feed down"
+        )
+        kill_to_down = time.monotonic() - killed_at
+        ft.process.wait(DEADLINE)
+        # Core's store is frozen now: this is the last quote from the dead FT.
+        last = btc(core.port)
+        assert last is not None
+        last_time = datetime.fromisoformat(last["time"])
 
-            with Service(*ft_args(port)) as again:
-                back_at = again.wait_for(FT_READY)[1]
-                wait_until(lambda: made_after(core_port, last_time), "a quote from the new FT")
-                back_to_fresh = time.monotonic() - back_at
-                ft_drain = again.stop()
-            core.wait_for(r"feed lost: FT ended the stream")
-            core_drain = core.stop()
+        with running_ft(port=ft.port) as again:
+            wait_until(
+                lambda: made_after(core.port, last_time),
+                DEADLINE,
+                interval=POLL,
+                what="a quote from the new FT",
+            )
+            back_to_fresh = time.monotonic() - again.ready_at
+            ft_drain = stop(again)
+        core.process.wait_for_line(r"feed lost: FT ended the stream", DEADLINE)
+        core_drain = stop(core)
     return kill_to_down, back_to_fresh, ft_drain, core_drain
 
 

@@ -7,8 +7,16 @@ grpclib pieces run on asyncio only.
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 from hypothesis import settings
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -20,3 +28,31 @@ def anyio_backend() -> str:
 # shared 2-core machine cannot promise; properties here are about values, not speed.
 settings.register_profile("quotopia", deadline=None)
 settings.load_profile("quotopia")
+
+
+@pytest.fixture(scope="session")
+def quotes_pb2(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    """Google protobuf classes for proto/quotes.proto, generated now by grpc_tools.
+
+    The independent, stock encoder: what Quotopia's bytes are checked against, and
+    what the grpcio (C-core) client reads FT's stream with.
+    """
+    out = tmp_path_factory.mktemp("quotes_pb2")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{REPO / 'proto'}",
+            f"--python_out={out}",
+            str(REPO / "proto" / "quotes.proto"),
+        ],
+        check=True,
+        timeout=60,
+    )
+    spec = importlib.util.spec_from_file_location("quotes_pb2", out / "quotes_pb2.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

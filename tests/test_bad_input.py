@@ -37,7 +37,8 @@ from typing import Any
 
 import grpc
 import pytest
-from _procs import QuotopiaProcess, wait_until
+from _procs import wait_until
+from _services import DEADLINE, SYMBOLS, Service, running_core, running_ft
 from grpclib.const import Status
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -47,14 +48,9 @@ from quotopia._proto import Quote, StreamQuotesRequest
 
 pytestmark = pytest.mark.e2e
 
-#: Bound on anything that should take a second or two, on a noisy 2-core machine.
-DEADLINE = 20.0
 #: A server that drops a bad connection does so at once; this is how long we wait.
 CLOSE_WITHIN = 6.0
 
-FT_READY = r"FT listening on 127\.0\.0\.1:(\d+) \("
-CORE_READY = r"Core listening on http://127\.0\.0\.1:(\d+), feed from FT at (\S+)"
-SYMBOLS = {"SBER", "BTC", "ETH"}
 METHOD = "/QuoteService/StreamQuotes"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -62,12 +58,6 @@ KIB = 1024
 
 
 # --- the services ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Service:
-    process: QuotopiaProcess
-    port: int
 
 
 class Watcher:
@@ -139,64 +129,35 @@ class Services:
     watcher: Watcher
 
 
-def ft_args() -> list[str]:
-    return [
-        "ft",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--tick-interval",
-        "0.1",
-        "--seed",
-        "3",
-        # Connections that never finish a frame are closed after about 2 s.
-        "--keepalive",
-        "1",
-    ]
+#: FT's flags here: connections that never finish a frame are closed after about 2 s.
+FT_FLAGS = ("--keepalive", "1")
 
 
-def core_args(ft_port: int) -> list[str]:
-    return [
-        "core",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--ft-addr",
-        f"127.0.0.1:{ft_port}",
-        "--backoff-cap",
-        "0.5",
-    ]
-
-
-def start_core(ft_port: int) -> QuotopiaProcess:
-    return QuotopiaProcess(*core_args(ft_port))
-
-
-def wait_for_core(process: QuotopiaProcess) -> Service:
-    """Wait until Core listens and has every symbol's quote."""
-    port = int(process.wait_for_line(CORE_READY, DEADLINE)[1])
-    wait_until(lambda: set(quotes(port)) == SYMBOLS, DEADLINE, what="quotes at Core")
-    return Service(process, port)
+@contextlib.contextmanager
+def running_core_with_quotes(ft_port: int) -> Iterator[Service]:
+    """Core, once it listens and has every symbol's quote."""
+    with running_core(ft_port, "--backoff-cap", "0.5") as core:
+        wait_until(lambda: set(quotes(core.port)) == SYMBOLS, DEADLINE, what="quotes at Core")
+        yield core
 
 
 @pytest.fixture(scope="module")
 def services() -> Iterator[Services]:
     """FT, then Core and the watcher: both subscribed before any test abuses FT."""
-    with QuotopiaProcess(*ft_args()) as ft_process:
-        ft = Service(ft_process, int(ft_process.wait_for_line(FT_READY, DEADLINE)[1]))
-        with start_core(ft.port) as core_process, Watcher(ft.port) as watcher:
-            core = wait_for_core(core_process)
-            wait_until(lambda: watcher.newest() > 0, DEADLINE, what="the watcher's first quote")
-            yield Services(ft, core, watcher)
+    with (
+        running_ft(*FT_FLAGS, tick=0.1, seed=3) as ft,
+        running_core_with_quotes(ft.port) as core,
+        Watcher(ft.port) as watcher,
+    ):
+        wait_until(lambda: watcher.newest() > 0, DEADLINE, what="the watcher's first quote")
+        yield Services(ft, core, watcher)
 
 
 @pytest.fixture
 def lone_core(services: Services) -> Iterator[Service]:
     """A Core of its own, for a test whose damage must not spill into the shared one."""
-    with start_core(services.ft.port) as process:
-        yield wait_for_core(process)
+    with running_core_with_quotes(services.ft.port) as core:
+        yield core
 
 
 def log_problems(lines: Iterable[str]) -> list[str]:

@@ -40,6 +40,7 @@ from typing import IO
 import anyio
 import pytest
 from _procs import QuotopiaProcess, clean_env, wait_until
+from _services import SYMBOLS, running_ft
 from grpclib.client import Channel
 from grpclib.const import Cardinality
 
@@ -62,9 +63,7 @@ READY_WITHIN = 60.0
 #: The requirement: after the churn, FT's RSS is within this fraction of the baseline.
 RSS_TOLERANCE = 0.10
 
-FT_READY = r"FT listening on 127\.0\.0\.1:(\d+) \("
 SUBSCRIBERS = re.compile(r"; (\d+) subscribers$")
-SYMBOLS = {"SBER", "BTC", "ETH"}
 
 logger = logging.getLogger("churn")
 
@@ -300,10 +299,8 @@ async def fresh_quotes(port: int) -> dict[str, list[Quote]]:
 @pytest.mark.timeout(180)
 def test_ft_recovers_from_abruptly_dropped_streams(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=logger.name)
-    ft_args = ["ft", "--host", "127.0.0.1", "--port", "0", "--tick-interval", "0.2"]
-    ft_args += ["--seed", "1", "--log-level", "INFO"]
-    with fd_limit(STREAMS + 200), QuotopiaProcess(*ft_args) as ft:
-        port = int(ft.wait_for_line(FT_READY, DEADLINE)[1])
+    with fd_limit(STREAMS + 200), running_ft("--log-level", "INFO") as service:
+        ft, port = service.process, service.port
         fds = open_fds(ft.pid)
         logger.info("FT started: RSS %d KiB, %d open file descriptors", rss_kib(ft.pid), fds)
 

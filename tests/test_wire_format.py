@@ -16,9 +16,6 @@ grpclib and grpcio clients decoding the same stream is covered in test_ft_grpc.p
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -47,30 +44,6 @@ SEED = 11
 TICK = 0.05
 SYMBOLS = ("SBER", "BTC", "ETH")
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def quotes_pb2(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    """Google protobuf classes for proto/quotes.proto, generated now by grpc_tools."""
-    out = tmp_path_factory.mktemp("quotes_pb2")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{REPO / 'proto'}",
-            f"--python_out={out}",
-            str(REPO / "proto" / "quotes.proto"),
-        ],
-        check=True,
-        timeout=DEADLINE * 3,
-    )
-    spec = importlib.util.spec_from_file_location("quotes_pb2_wire", out / "quotes_pb2.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def stock_encodings(pb2: ModuleType, quote: Quote) -> tuple[bytes, bytes]:

@@ -22,24 +22,16 @@ from dataclasses import dataclass
 
 import pytest
 from _procs import QuotopiaProcess, clean_env, wait_until
+from _services import DEADLINE, Service, core_args, running_ft
 
 pytestmark = pytest.mark.e2e
 
-#: Bound on anything that should take a second or two, on a noisy 2-core machine.
-DEADLINE = 20.0
 #: The promise: a graceful stop within this many seconds of SIGTERM.
 STOP_WITHIN = 2.0
 WORKERS = 2
 
-FT_READY = r"FT listening on 127\.0\.0\.1:(\d+) \("
 CORE_READY = r"Core listening on http://127\.0\.0\.1:(\d+), feed from FT at \S+ \((\d+) workers\)"
 WORKER_STARTED = r"worker (\d+) started \(pid (\d+)\)"
-
-
-@dataclass(frozen=True)
-class Service:
-    process: QuotopiaProcess
-    port: int
 
 
 @dataclass(frozen=True)
@@ -54,16 +46,14 @@ class Workers:
 
 @pytest.fixture(scope="module")
 def ft() -> Iterator[Service]:
-    args = ["ft", "--host", "127.0.0.1", "--port", "0", "--tick-interval", "0.2"]
-    with QuotopiaProcess(*args) as process:
-        yield Service(process, int(process.wait_for_line(FT_READY, DEADLINE)[1]))
+    with running_ft() as service:
+        yield service
 
 
 @pytest.fixture
 def core(ft: Service) -> Iterator[Workers]:
-    args = ["core", "--host", "127.0.0.1", "--port", "0", "--ft-addr", f"127.0.0.1:{ft.port}"]
     ft_lines_before = len(ft.process.stderr_lines)
-    with QuotopiaProcess(*args, "--workers", str(WORKERS)) as process:
+    with QuotopiaProcess(*core_args(ft.port, "--workers", str(WORKERS))) as process:
         ready = process.wait_for_line(CORE_READY, DEADLINE)
         assert int(ready[2]) == WORKERS
         pids = {}
