@@ -19,10 +19,16 @@ Two clocks are read, both on this machine (``time.time()``), so they agree:
   polling that fast would see: it includes the polling interval and the HTTP round
   trip. Only ticks generated while polling count, and only those a poller saw.
 
-Measured at idle and under the REST load of part 1 (wrk, 64 connections on
-``GET /quotes``), over ``freshness_ticks`` ticks each. The tick is short (50 ms by
-default) so 1,000 ticks take under a minute; Core's work per quote does not depend
-on the tick.
+Three phases of ``freshness_ticks`` ticks each:
+
+- *idle*: nobody but the feed talks to Core; arrival in the store only (the
+  pollers are load too: 200 requests/s by default);
+- *polled*: the pollers alone; arrival in the store and first sight;
+- *under REST load*: the pollers and the REST load of part 1 (wrk, 64
+  connections on ``GET /quotes``).
+
+The tick is short (50 ms by default) so 1,000 ticks take under a minute; Core's
+work per quote does not depend on the tick.
 """
 
 from __future__ import annotations
@@ -130,10 +136,19 @@ class _Pollers:
         return self.answers
 
 
+#: The phases: (name, under wrk, polled, label in the table).
+PHASES = (
+    ("idle", False, False, "idle"),
+    ("polled", False, True, "polled by clients"),
+    ("loaded", True, True, "under REST load"),
+)
+
+
 def _measure(
-    ctx: Context, ft_port: int, core: Service, port: int, *, loaded: bool
+    ctx: Context, core: Service, port: int, *, loaded: bool, polled: bool
 ) -> dict[str, object]:
-    """One phase: poll for ``freshness_ticks`` ticks (under wrk if ``loaded``)."""
+    """One phase of ``freshness_ticks`` ticks: under wrk if ``loaded``, with the
+    pollers if ``polled``."""
     plan = ctx.plan
     window = plan.freshness_ticks * plan.freshness_tick_s
     wrk: subprocess.Popen[str] | None = None
@@ -155,11 +170,15 @@ def _measure(
     try:
         begun = time.time()
         with Sampler(core) as sampler:
-            pollers = _Pollers(port, plan.freshness_poll_s, plan.freshness_pollers)
-            try:
+            if polled:
+                pollers = _Pollers(port, plan.freshness_poll_s, plan.freshness_pollers)
+                try:
+                    time.sleep(window)
+                finally:
+                    polls = pollers.stop()
+            else:
                 time.sleep(window)
-            finally:
-                polls = pollers.stop()
+                polls = []
         ended = time.time()
     finally:
         wrk_out = ""
@@ -168,6 +187,7 @@ def _measure(
             wrk_out, _ = wrk.communicate(timeout=30)
     result: dict[str, object] = {
         "loaded": loaded,
+        "polled": polled,
         "window": [begun, ended],
         "polls": polls,
         "core_cpu_pct": sampler.cpu_pct(core),
@@ -216,7 +236,7 @@ def run(ctx: Context) -> Part:
     require_wrk()
     ctx.log(
         f"freshness: {plan.freshness_ticks:,} ticks of {plan.freshness_tick_s:g}s, "
-        "idle and under wrk"
+        "idle, polled, and polled under wrk"
     )
     data: dict[str, object] = {
         "tick_s": plan.freshness_tick_s,
@@ -243,8 +263,8 @@ def run(ctx: Context) -> Part:
         with core, _generations(ctx.pb, ft_port) as generations:
             port = int(core.wait_line(r"Core listening on http://127\.0\.0\.1:(\d+)", 30)[1])
             core_ready(core, port, 30)
-            for name, loaded in (("idle", False), ("loaded", True)):
-                phases[name] = _measure(ctx, ft_port, core, port, loaded=loaded)
+            for name, loaded, polled, _ in PHASES:
+                phases[name] = _measure(ctx, core, port, loaded=loaded, polled=polled)
             core.stop()
             generated = dict(generations.times)
         arrived = {seq: t for symbol, seq, t in json.loads(record.read_text()) if symbol == "BTC"}
@@ -269,7 +289,7 @@ def _rows(data: dict[str, object]) -> list[Row]:
     tick = ms(_f(data["tick_s"]))
     poll = ms(_f(data["poll_every_s"]))
     pollers = data["pollers"]
-    for key, label in (("idle", "idle"), ("loaded", "under REST load")):
+    for key, _, polled, label in PHASES:
         r = data[key]
         assert isinstance(r, dict)
         wrk = r.get("wrk")
@@ -284,6 +304,8 @@ def _rows(data: dict[str, object]) -> list[Row]:
                 f"Core CPU {pct(r['core_cpu_pct'])}{load}",
             )
         )
+        if not polled:
+            continue
         rows.append(
             Row(
                 "4 freshness",

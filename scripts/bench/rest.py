@@ -54,7 +54,16 @@ from .procs import (
 )
 from .report import Part, Row, ms, pct, rate
 
-__all__ = ["PATHS", "WrkResult", "parse_wrk", "require_wrk", "run", "run_wrk", "run_wrks"]
+__all__ = [
+    "PATHS",
+    "WrkResult",
+    "core_peak_rss",
+    "parse_wrk",
+    "require_wrk",
+    "run",
+    "run_wrk",
+    "run_wrks",
+]
 
 PATHS = ("/quotes", "/quotes/BTC")
 
@@ -362,6 +371,16 @@ def run(ctx: Context) -> Part:
                     data["paths"] = {path: _measure_path(ctx, path, servers) for path in PATHS}
         data["bodies"] = bodies
     return Part("rest", _rows(data), data)
+
+
+def core_peak_rss(data: dict[str, Any]) -> int | None:
+    """Core's (one worker's) highest RSS under wrk in this part's solo runs."""
+    peaks = [
+        int(figures["server_peak_rss"])
+        for found in data.get("paths", {}).values()
+        for figures in found["solo"][CORE]
+    ]
+    return max(peaks, default=None)
 
 
 def _median_run(runs: list[Figures]) -> Figures:

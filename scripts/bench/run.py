@@ -160,8 +160,8 @@ def _loaded_rss(parts: dict[str, Part]) -> dict[str, object]:
     """The peak RSS figures under load that the other parts measured."""
     out: dict[str, object] = {}
     rest_part = parts.get("rest")
-    if rest_part is not None and isinstance(core := rest_part.data.get("core"), dict):
-        out["core_peak_rss"] = max(int(r["server_peak_rss"]) for r in core.values())
+    if rest_part is not None and (core := rest.core_peak_rss(rest_part.data)) is not None:
+        out["core_peak_rss"] = core
     fanout_part = parts.get("fanout")
     sizes = fanout_part.data.get("sizes") if fanout_part is not None else None
     if isinstance(sizes, dict) and sizes:
