@@ -21,11 +21,12 @@ class Plan:
     #: Seconds of wrk on each server before the measured runs of a path (0: none).
     rest_warmup_s: int = 2
     #: Seconds of each measured wrk run.
-    rest_duration_s: int = 4
+    rest_duration_s: int = 3
     #: Solo rounds: wrk on each server in turn, the order rotating each round.
     rest_rounds: int = 3
-    #: Paired rounds: Core and the raw app under wrk at once, on a CPU each.
-    rest_pairs: int = 4
+    #: Paired rounds: Core and the raw app under wrk at once, on a CPU each. The
+    #: ratio of one round moves by ±0.3 here, so the median needs many of them.
+    rest_pairs: int = 8
     rest_workers: int = 2
     # 2. FT fan-out at the 1 s tick
     fanout_sizes: tuple[int, ...] = (100, 1_000, 5_000, 10_000)
