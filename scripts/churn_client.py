@@ -78,6 +78,27 @@ class Undecoded:
 UNDECODED = Undecoded()
 
 
+class Countdown:
+    """Done once ``count`` streams have received their snapshot.
+
+    One event for all the streams, not one each: awaiting thousands of events in
+    turn is a checkpoint each, and each checkpoint waits for a full turn of an
+    event loop that is busy reading those streams; 2,000 of them took from a few
+    seconds up to a minute.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.remaining = count
+        self.done = anyio.Event()
+        if count <= 0:
+            self.done.set()
+
+    def arrived(self) -> None:
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.done.set()
+
+
 def raise_fd_limit(needed: int) -> None:
     """Raise the soft RLIMIT_NOFILE to at least ``needed``, up to the hard limit.
 
@@ -115,10 +136,10 @@ def reset(transport: Transport) -> None:
 async def open_stream(
     channel: Channel,
     request: StreamQuotesRequest,
-    snapshot_received: anyio.Event,
+    snapshots: Countdown,
     resetting: anyio.Event,
 ) -> None:
-    """One StreamQuotes call: set ``snapshot_received`` at its first quote, read the rest.
+    """One StreamQuotes call: count its first quote in ``snapshots``, read the rest.
 
     Returns when the connection is lost after ``resetting`` was set. Raises
     :class:`ChurnError` if FT ends the stream or drops the connection itself.
@@ -129,7 +150,7 @@ async def open_stream(
         await stream.send_message(request, end=True)
         if await stream.recv_message() is None:
             raise ChurnError("FT ended a stream before its snapshot")
-        snapshot_received.set()
+        snapshots.arrived()
         try:
             async for _ in stream:
                 pass
@@ -155,7 +176,7 @@ async def churn(
     channels = [Channel(host, port) for _ in range(connections)]
     transports: list[Transport] = []
     request = StreamQuotesRequest(symbols=list(symbols))
-    snapshots = [anyio.Event() for _ in range(streams)]
+    snapshots = Countdown(streams)
     resetting = anyio.Event()
     limiter = anyio.CapacityLimiter(connect_concurrency)
 
@@ -169,15 +190,14 @@ async def churn(
                     async with anyio.create_task_group() as connecting:
                         for channel in channels:
                             connecting.start_soon(connect_one, channel)
-                    for index, snapshot_received in enumerate(snapshots):
+                    for index in range(streams):
                         channel = channels[index % connections]
-                        tg.start_soon(open_stream, channel, request, snapshot_received, resetting)
-                    for snapshot_received in snapshots:
-                        await snapshot_received.wait()
+                        tg.start_soon(open_stream, channel, request, snapshots, resetting)
+                    await snapshots.done.wait()
             except TimeoutError:
                 raise ChurnError(
                     f"{len(transports)} of {connections} connections open and "
-                    f"{sum(e.is_set() for e in snapshots)} of {streams} snapshots received "
+                    f"{streams - snapshots.remaining} of {streams} snapshots received "
                     f"after {ready_timeout:g}s"
                 ) from None
             print(f"ready {streams}", flush=True)

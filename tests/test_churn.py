@@ -58,7 +58,7 @@ STREAMS = 2000
 #: Bound on waits that take a second or two on an idle 2-core machine.
 DEADLINE = 30.0
 #: Bound on one churn client getting every stream its snapshot. On a 2-core
-#: machine: 5-11 s for 2,000 connections, 3-11 s for 200 (FT is CPU-bound then).
+#: machine: 3-4 s for 2,000 connections, about 2 s for 200.
 READY_WITHIN = 60.0
 #: The requirement: after the churn, FT's RSS is within this fraction of the baseline.
 RSS_TOLERANCE = 0.10
@@ -294,7 +294,7 @@ async def fresh_quotes(port: int) -> dict[str, list[Quote]]:
 # --- the test ----------------------------------------------------------------------
 
 
-# 40-50 s on a busy 2-core machine; every wait inside is bounded, so this timeout
+# 17-20 s on a quiet 2-core machine; every wait inside is bounded, so this timeout
 # only catches what those bounds cannot.
 @pytest.mark.timeout(180)
 def test_ft_recovers_from_abruptly_dropped_streams(caplog: pytest.LogCaptureFixture) -> None:
