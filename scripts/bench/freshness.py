@@ -274,8 +274,13 @@ def run(ctx: Context) -> Part:
         ctx.log(
             f"  {name}: in store p50 {ms(_f(result['store_p50_s']))}, "
             f"p99 {ms(_f(result['store_p99_s']))} ({result['ticks_arrived']}/"
-            f"{result['ticks_generated']} ticks); first seen p50 {ms(_f(result['seen_p50_s']))}, "
-            f"p99 {ms(_f(result['seen_p99_s']))} ({result['ticks_seen']} ticks)"
+            f"{result['ticks_generated']} ticks)"
+            + (
+                f"; first seen p50 {ms(_f(result['seen_p50_s']))}, "
+                f"p99 {ms(_f(result['seen_p99_s']))} ({result['ticks_seen']} ticks)"
+                if result["polled"]
+                else ""
+            )
         )
     return Part("freshness", _rows(data), data)
 
