@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _procs import wait_until
-from _services import DEADLINE, Service, btc, feed, running_core, running_ft
+from _services import DEADLINE, btc, feed, running_core, running_ft, stop
 
 #: How often Core is polled while timing something.
 POLL = 0.02
@@ -44,17 +44,6 @@ def made_after(port: int, than: datetime) -> dict[str, Any] | None:
     if quote is None or datetime.fromisoformat(quote["time"]) <= than:
         return None
     return quote
-
-
-def stop(service: Service) -> float:
-    """SIGTERM; return the seconds until the process exited with status 0."""
-    signalled = time.monotonic()
-    service.process.signal(signal.SIGTERM)
-    code = service.process.wait(DEADLINE)
-    took = time.monotonic() - signalled
-    if code != 0:
-        raise RuntimeError(f"exited with status {code}\n{service.process.output()}")
-    return took
 
 
 def one_run(cap: float) -> tuple[float, float, float, float]:

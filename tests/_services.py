@@ -12,6 +12,10 @@ environment cannot stand between a test and Core.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from _procs import QuotopiaProcess
+from _procs import QuotopiaProcess, clean_env
 
 __all__ = [
     "CORE_READY",
@@ -33,8 +37,11 @@ __all__ = [
     "ft_args",
     "http_get",
     "quotes",
+    "run_cli",
     "running_core",
     "running_ft",
+    "stop",
+    "usage_error",
 ]
 
 #: Bound on anything that should take a second or two, on a noisy 2-core machine.
@@ -111,6 +118,38 @@ def running_core(ft_port: int, *flags: str, env: dict[str, str] | None = None) -
         ready, ready_at = process.wait_for_line_at(CORE_READY, DEADLINE)
         assert ready[2] == f"127.0.0.1:{ft_port}", process.output()
         yield Service(process, int(ready[1]), ready_at)
+
+
+def stop(service: Service) -> float:
+    """SIGTERM, wait for exit status 0, and return how long the exit took."""
+    signalled = time.monotonic()
+    service.process.signal(signal.SIGTERM)
+    code = service.process.wait(DEADLINE)
+    took = time.monotonic() - signalled
+    assert code == 0, service.process.output()
+    return took
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m quotopia *args`` to its end, with ``env`` added to a clean environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "quotopia", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(**env),
+        timeout=DEADLINE,
+        check=False,
+    )
+
+
+def usage_error(result: subprocess.CompletedProcess[str], command: str) -> str:
+    """Check ``result`` is the CLI refusing ``command``'s settings: exit status 2 and
+    one line on stderr, ``quotopia <command>: error: <message>``. Returns the line."""
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"quotopia {command}: error: "), result.stderr
+    return lines[0]
 
 
 # --- Core's API ------------------------------------------------------------------

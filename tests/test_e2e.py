@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -29,8 +27,10 @@ from _services import (
     feed,
     ft_args,
     quotes,
+    run_cli,
     running_core,
     running_ft,
+    usage_error,
 )
 
 from quotopia.cli import build_parser
@@ -159,17 +159,6 @@ def test_up_runs_both_and_stops_both_on_sigterm() -> None:
 # --- the command line ------------------------------------------------------------
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "quotopia", *args],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=DEADLINE,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize(
     ("args", "mentions"),
     [
@@ -181,11 +170,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 )
 def test_bad_configuration_is_one_line_and_exit_status_2(args: list[str], mentions: str) -> None:
     result = run_cli(*args)
-    assert result.returncode == 2, result
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"quotopia {args[0]}: error: ")
-    assert mentions in lines[0]
+    assert mentions in usage_error(result, args[0])
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
 
@@ -193,12 +178,9 @@ def test_bad_configuration_is_one_line_and_exit_status_2(args: list[str], mentio
 def test_a_port_in_use_is_one_line_and_exit_status_2(ft: Service) -> None:
     taken = str(ft.port)
     for command in (ft_args(port=ft.port), ["core", "--host", "127.0.0.1", "--port", taken]):
-        result = run_cli(*command)
-        assert result.returncode == 2, result
-        lines = result.stderr.splitlines()
-        assert len(lines) == 1, result.stderr
-        assert lines[0].startswith(f"quotopia {command[0]}: error: cannot listen on ")
-        assert taken in lines[0]
+        line = usage_error(run_cli(*command), command[0])
+        assert line.startswith(f"quotopia {command[0]}: error: cannot listen on ")
+        assert taken in line
 
 
 #: The flags README's configuration table documents, per command.

@@ -30,7 +30,17 @@ from typing import Any
 
 import pytest
 from _procs import QuotopiaProcess, clean_env, wait_until
-from _services import DEADLINE, SYMBOLS, Service, btc, feed, quotes, running_core, running_ft
+from _services import (
+    DEADLINE,
+    SYMBOLS,
+    Service,
+    btc,
+    feed,
+    quotes,
+    running_core,
+    running_ft,
+    stop,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -76,6 +86,16 @@ def fresher_btc(port: int, than: dict[str, Any]) -> dict[str, Any] | None:
     return quote
 
 
+def feed_down_at(port: int) -> float:
+    """Poll Core's ``/health`` until its feed is down; return when that was seen."""
+    return wait_until(
+        lambda: time.monotonic() if not feed(port)["connected"] else None,
+        DEADLINE,
+        interval=POLL,
+        what="Core's feed down",
+    )
+
+
 def measured(name: str, value: float) -> None:
     logger.info("measured %s = %s", name, value)
 
@@ -86,16 +106,6 @@ def measured(name: str, value: float) -> None:
 def dev_mode_env(dev: bool) -> dict[str, str]:
     """The services' environment; ``PYTHONDEVMODE=1`` is ``python -X dev``."""
     return clean_env(PYTHONDEVMODE="1") if dev else clean_env()
-
-
-def stop(service: Service) -> float:
-    """SIGTERM, wait for exit status 0, and return how long the exit took."""
-    signalled = time.monotonic()
-    service.process.signal(signal.SIGTERM)
-    code = service.process.wait(DEADLINE)
-    took = time.monotonic() - signalled
-    assert code == 0, service.process.output()
-    return took
 
 
 def lines_matching(process: QuotopiaProcess, text: str) -> list[str]:
@@ -138,12 +148,7 @@ def test_ft_killed_core_serves_last_prices_and_recovers_when_ft_returns() -> Non
 
         killed_at = time.monotonic()
         ft.process.signal(signal.SIGKILL)
-        down_at = wait_until(
-            lambda: time.monotonic() if not feed(core.port)["connected"] else None,
-            DEADLINE,
-            interval=POLL,
-            what="Core's feed down",
-        )
+        down_at = feed_down_at(core.port)
         assert ft.process.wait(DEADLINE) == -signal.SIGKILL
         took = down_at - killed_at
         measured("kill_to_feed_down_s", round(took, 3))
@@ -281,12 +286,7 @@ def test_frozen_ft_is_noticed_by_the_feed_timeout_and_recovered_after_sigcont() 
         try:
             stopped_at = time.monotonic()
             ft.process.signal(signal.SIGSTOP)
-            down_at = wait_until(
-                lambda: time.monotonic() if not feed(core.port)["connected"] else None,
-                DEADLINE,
-                interval=POLL,
-                what="Core's feed down",
-            )
+            down_at = feed_down_at(core.port)
             took = down_at - stopped_at
             measured("sigstop_to_feed_down_s", round(took, 3))
             assert took <= feed_timeout + 1.0, f"feed down {took:.3f}s after SIGSTOP"

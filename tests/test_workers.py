@@ -13,16 +13,14 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
-from _procs import QuotopiaProcess, clean_env, wait_until
-from _services import DEADLINE, Service, core_args, running_ft
+from _procs import QuotopiaProcess, wait_until
+from _services import DEADLINE, Service, core_args, run_cli, running_ft, usage_error
 
 pytestmark = pytest.mark.e2e
 
@@ -178,17 +176,6 @@ def test_the_workers_stop_when_the_parent_dies(core: Workers) -> None:
         pass
 
 
-def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "quotopia", *args],
-        capture_output=True,
-        text=True,
-        env=clean_env(**env),
-        timeout=DEADLINE,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize(
     ("args", "env", "mentions"),
     [
@@ -200,18 +187,11 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 def test_a_bad_worker_count_is_one_line_and_exit_status_2(
     args: list[str], env: dict[str, str], mentions: str
 ) -> None:
-    result = run_cli("core", *args, **env)
-    assert result.returncode == 2, result
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("quotopia core: error: ")
-    assert mentions in lines[0]
+    assert mentions in usage_error(run_cli("core", *args, **env), "core")
 
 
 def test_a_port_in_use_is_one_line_and_exit_status_2(ft: Service) -> None:
     result = run_cli("core", "--host", "127.0.0.1", "--port", str(ft.port), "--workers", "2")
-    assert result.returncode == 2, result
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("quotopia core: error: cannot listen on ")
-    assert str(ft.port) in lines[0]
+    line = usage_error(result, "core")
+    assert line.startswith("quotopia core: error: cannot listen on ")
+    assert str(ft.port) in line
