@@ -59,14 +59,19 @@ RUN groupadd --system --gid 10001 quotopia \
 COPY --from=builder /opt/venv /opt/venv
 COPY scripts/healthcheck.py /app/healthcheck.py
 
+# The git commit the image was built from, for Core's GET /version
+# (`docker build --build-arg QUOTOPIA_COMMIT=$(git rev-parse HEAD) .`).
+ARG QUOTOPIA_COMMIT=""
 ENV VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    QUOTOPIA_COMMIT=$QUOTOPIA_COMMIT
 
 WORKDIR /app
 USER 10001:10001
 
-# FT's gRPC port and Core's HTTP port (FT_PORT / CORE_PORT change them).
-EXPOSE 50051 8080
+# FT's gRPC port, FT's metrics port and Core's HTTP port (FT_PORT, FT_METRICS_PORT
+# and CORE_PORT change them).
+EXPOSE 50051 8081 8080
 
 # Both services drain on SIGTERM: FT ends open streams, Core finishes requests.
 STOPSIGNAL SIGTERM

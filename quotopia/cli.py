@@ -78,8 +78,33 @@ def _option(
     )
 
 
-def _add_log_level(parser: argparse.ArgumentParser) -> None:
+def _add_logging(parser: argparse.ArgumentParser) -> None:
     _option(parser, "--log-level", "LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", _log_level)
+    _option(
+        parser,
+        "--log-format",
+        "LOG_FORMAT",
+        "text",
+        "text (one readable line per event) or json (one JSON object per line)",
+        _log_format,
+    )
+
+
+def _log_format(text: str) -> str:
+    fmt = text.lower()
+    if fmt not in logs.LOG_FORMATS:
+        raise argparse.ArgumentTypeError(f"log format must be one of {', '.join(logs.LOG_FORMATS)}")
+    return fmt
+
+
+def _env_flag(env: str) -> bool:
+    """An on/off environment variable; a bad value is a ValueError (exit status 2)."""
+    word = os.environ.get(env, "").strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{env} must be true or false, got {word!r}")
 
 
 def _log_level(text: str) -> str:
@@ -107,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(ft, "--host", "FT_HOST", ALL_INTERFACES, "address to listen on")
     _option(ft, "--port", "FT_PORT", "50051", "port to listen on; 0 picks a free one", PORT)
+    _option(
+        ft,
+        "--metrics-port",
+        "FT_METRICS_PORT",
+        "8081",
+        "HTTP port of /metrics, /livez and /readyz; 0 picks a free one",
+        PORT,
+    )
     _option(
         ft, "--tick-interval", "FT_TICK_INTERVAL", "1", "seconds between price updates", SECONDS
     )
@@ -155,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "seconds a client may stay behind before it is disconnected with RESOURCE_EXHAUSTED",
         SECONDS,
     )
-    _add_log_level(ft)
+    _add_logging(ft)
 
     core = commands.add_parser(
         "core",
@@ -191,7 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
         "processes serving HTTP on the one port, each with its own feed from FT",
         COUNT,
     )
-    _add_log_level(core)
+    _option(
+        core,
+        "--shutdown-delay",
+        "CORE_SHUTDOWN_DELAY",
+        "0",
+        "on SIGTERM, seconds Core keeps serving with /readyz answering 503, so a load "
+        "balancer stops sending before Core stops accepting",
+        SECONDS,
+    )
+    core.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        help="log one line per HTTP request (env CORE_ACCESS_LOG=true; default: off)",
+    )
+    _add_logging(core)
 
     up = commands.add_parser(
         "up",
@@ -202,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(up, "--ft-port", "FT_PORT", "50051", "FT's port", PORT)
     _option(up, "--core-port", "CORE_PORT", "8080", "Core's port", PORT)
-    _add_log_level(up)
+    _option(up, "--ft-metrics-port", "FT_METRICS_PORT", "8081", "FT's metrics port", PORT)
+    _add_logging(up)
     return parser
 
 
@@ -232,13 +280,14 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             tick_interval=args.tick_interval,
             seed=args.seed,
             instruments=args.symbols,
+            metrics_port=args.metrics_port,
             drain_timeout=args.drain_timeout,
             keepalive=args.keepalive,
             subscriber_buffer=args.subscriber_buffer,
             slow_consumer_timeout=args.slow_consumer_timeout,
         )
         # grpclib is asyncio-only.
-        return _service(partial(serve_ft, ft_config), "quotopia.ft", "asyncio", args.log_level)
+        return _service(partial(serve_ft, ft_config), "ft", "asyncio", args)
 
     if args.command == "core":
         from quotopia.core import CoreConfig
@@ -251,29 +300,39 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             backoff_cap=args.backoff_cap,
             feed_timeout=args.feed_timeout,
             workers=args.workers,
+            shutdown_delay=args.shutdown_delay,
+            access_log=(
+                _env_flag("CORE_ACCESS_LOG") if args.access_log is None else args.access_log
+            ),
         )
         if core_config.workers > 1:
             from quotopia.core.workers import run_workers
 
-            return partial(run_workers, core_config, args.log_level)
-        return _service(partial(serve_core, core_config), "quotopia.core", "trio", args.log_level)
+            return partial(run_workers, core_config, args.log_level, args.log_format)
+        return _service(partial(serve_core, core_config), "core", "trio", args)
 
     from quotopia.up import run_up
 
-    return lambda: run_up(ft_port=args.ft_port, core_port=args.core_port, log_level=args.log_level)
+    return lambda: run_up(
+        ft_port=args.ft_port,
+        core_port=args.core_port,
+        ft_metrics_port=args.ft_metrics_port,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
 
 
 def _service(
-    serve: Callable[..., Awaitable[None]], logger_name: str, backend: str, log_level: str
+    serve: Callable[..., Awaitable[None]], service: str, backend: str, args: argparse.Namespace
 ) -> Callable[[], int]:
     """Run ``serve(shutdown_trigger=...)`` until SIGTERM/SIGINT, then return exit status 0."""
 
     async def main() -> None:
-        async with shutdown_on_signals(logging.getLogger(logger_name)) as trigger:
+        async with shutdown_on_signals(logging.getLogger(f"quotopia.{service}")) as trigger:
             await serve(shutdown_trigger=trigger)
 
     def run() -> int:
-        logs.configure(log_level)
+        logs.configure(args.log_level, args.log_format, service)
         anyio.run(main, backend=backend)
         return 0
 

@@ -2,12 +2,20 @@
 
 Each child is the same command a container runs (``quotopia ft`` / ``quotopia
 core``), so what you see here is what you get in Docker. Their log lines are
-prefixed with the service's name. Ctrl-C or SIGTERM stops both; if one child
-exits by itself, the other is stopped too and ``up`` exits non-zero.
+prefixed with the service's name. Ctrl-C, SIGTERM or SIGHUP stops both; if one
+child exits by itself, the other is stopped too and ``up`` exits non-zero.
+
+Stopping goes in the reverse order of starting: Core first, then FT once Core has
+gone, so Core never sees its feed end and a clean stop logs no warning. For that
+the children run in sessions of their own: a Ctrl-C in a terminal signals the
+whole foreground process group, and would otherwise reach both children at once,
+before ``up`` could order anything. (So a closing terminal's SIGHUP reaches only
+``up`` too, which is why ``up`` handles it.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -56,24 +64,29 @@ async def _forward(
 
 
 async def _stop(process: Process) -> None:
-    """SIGTERM, then SIGKILL if the child is still there after STOP_TIMEOUT."""
+    """SIGTERM, then SIGKILL if the child is still there after STOP_TIMEOUT; return
+    once it has exited."""
     if process.returncode is not None:
         return
-    process.terminate()
+    # It may exit between the check and the signal: then there is nothing to stop.
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
     with anyio.move_on_after(STOP_TIMEOUT):
         await process.wait()
         return
-    process.kill()
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
     await process.wait()
 
 
 async def _supervise(ft: list[str], core: list[str], env: dict[str, str]) -> int:
-    """Start FT, then Core once FT listens; stop both on a signal or when one exits."""
+    """Start FT, then Core once FT listens; on a signal, or when one exits, stop
+    Core, then FT."""
     exit_code = 0
     ft_port: int | None = None
-    processes: list[Process] = []
     ft_ready = anyio.Event()
     stop_all = anyio.Event()
+    core_gone = anyio.Event()  # Core has exited, or never will start: FT may stop
 
     def watch_ft(line: bytes) -> None:
         nonlocal ft_port
@@ -82,26 +95,41 @@ async def _supervise(ft: list[str], core: list[str], env: dict[str, str]) -> int
             ft_ready.set()
 
     async def run_child(
-        name: str, argv: list[str], on_line: Callable[[bytes], None] | None = None
+        name: str,
+        argv: list[str],
+        stop_when: anyio.Event,
+        on_line: Callable[[bytes], None] | None = None,
     ) -> None:
+        """Run one child to its end, forwarding its output; stop it once
+        ``stop_when`` is set."""
         nonlocal exit_code
         process = await anyio.open_process(
-            argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-        processes.append(process)
-        async with process:
+        async with process, anyio.create_task_group() as stopper:
+            stopper.start_soon(_stop_when, stop_when, process)
             assert process.stdout is not None
+            # The forwarder ends by itself once the child's output ends, so every
+            # last log line is shown.
             await _forward(name, process.stdout, on_line)
             code = await process.wait()
+            stopper.cancel_scope.cancel()
         if not stop_all.is_set():
             _say(f"{name} exited with status {code}; stopping the rest")
             exit_code = 1
             stop_all.set()
 
-    async def start_core() -> None:
-        await ft_ready.wait()
-        if not stop_all.is_set():
-            await run_child("core", [*core, "--ft-addr", f"127.0.0.1:{ft_port}"])
+    async def run_core() -> None:
+        try:
+            await ft_ready.wait()
+            if not stop_all.is_set():
+                await run_child("core", [*core, "--ft-addr", f"127.0.0.1:{ft_port}"], stop_all)
+        finally:
+            core_gone.set()
 
     async def watch_signals(signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -109,36 +137,50 @@ async def _supervise(ft: list[str], core: list[str], env: dict[str, str]) -> int
             if stop_all.is_set():
                 _say(f"received {name}, already stopping")
             else:
-                _say(f"received {name}, stopping ft and core")
+                _say(f"received {name}, stopping core, then ft")
                 stop_all.set()
 
     # The signal receiver stays open until the very end, so a second Ctrl-C while
     # the children shut down cannot interrupt us with a KeyboardInterrupt.
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with anyio.create_task_group() as outer:
             outer.start_soon(watch_signals, signals)
             async with anyio.create_task_group() as children:
-                children.start_soon(run_child, "ft", ft, watch_ft)
-                children.start_soon(start_core)
+                children.start_soon(run_child, "ft", ft, core_gone, watch_ft)
+                children.start_soon(run_core)
                 await stop_all.wait()
-                ft_ready.set()  # release start_core if FT never got ready
-                for process in processes:
-                    children.start_soon(_stop, process)
-                # The children's forwarders end by themselves once their output
-                # ends, so every last log line is shown.
+                ft_ready.set()  # release run_core if FT never got ready
             outer.cancel_scope.cancel()
     return exit_code
 
 
-def run_up(*, ft_port: int, core_port: int, log_level: str) -> int:
-    """Run FT and Core until a signal arrives or one of them exits.
+async def _stop_when(event: anyio.Event, process: Process) -> None:
+    """Once ``event`` is set, stop ``process`` (see :func:`_stop`)."""
+    await event.wait()
+    await _stop(process)
+
+
+def run_up(
+    *,
+    ft_port: int,
+    core_port: int,
+    log_level: str,
+    log_format: str = "text",
+    ft_metrics_port: int | None = None,
+) -> int:
+    """Run FT and Core until a signal arrives or one of them exits; return the exit
+    status (0 after a signal, 1 if a child exited by itself).
 
     Core starts once FT listens and is pointed at FT's real port, so ``--ft-port 0``
-    works too.
+    works too. Both children log at ``log_level`` in ``log_format``; FT serves its
+    metrics on ``ft_metrics_port`` (None: FT's own default).
     """
     me = [sys.executable, "-m", "quotopia"]
-    ft = [*me, "ft", "--port", str(ft_port), "--log-level", log_level]
-    core = [*me, "core", "--port", str(core_port), "--log-level", log_level]
+    logging_flags = ["--log-level", log_level, "--log-format", log_format]
+    ft = [*me, "ft", "--port", str(ft_port), *logging_flags]
+    if ft_metrics_port is not None:
+        ft += ["--metrics-port", str(ft_metrics_port)]
+    core = [*me, "core", "--port", str(core_port), *logging_flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     _say(f"starting ft on :{ft_port} and core on :{core_port} (Ctrl-C stops both)")
     return anyio.run(_supervise, ft, core, env)

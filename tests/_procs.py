@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 #: Environment variables the CLI reads; a test must not inherit them by accident.
 _CLI_ENV_PREFIXES = ("FT_", "CORE_")
-_CLI_ENV_NAMES = ("LOG_LEVEL",)
+_CLI_ENV_NAMES = ("LOG_LEVEL", "LOG_FORMAT")
 
 
 def clean_env(**overrides: str) -> dict[str, str]:
@@ -103,7 +103,9 @@ class QuotopiaProcess:
 
     ``python_args`` replaces ``-m quotopia`` to run another Python program the same
     way (``("-c", SCRIPT)``, say). ``width`` cuts longer lines in :meth:`output`, for
-    processes that log huge lines.
+    processes that log huge lines. ``new_session`` starts it in a session (and
+    process group) of its own, whose id is its pid: ``os.killpg(process.pid, ...)``
+    then signals it as a terminal's Ctrl-C would, with everything in its group.
 
     Resource handling: leaving the ``with`` block kills the process if it is still
     running, reaps it and closes its pipes.
@@ -115,6 +117,7 @@ class QuotopiaProcess:
         env: dict[str, str] | None = None,
         python_args: Sequence[str] = ("-m", "quotopia"),
         width: int | None = None,
+        new_session: bool = False,
     ) -> None:
         self.args: tuple[str, ...] = args
         self.python_args: tuple[str, ...] = tuple(python_args)
@@ -130,6 +133,7 @@ class QuotopiaProcess:
             encoding="utf-8",
             errors="replace",
             env=clean_env() if env is None else env,
+            start_new_session=new_session,
         )
         assert self._popen.stdout is not None
         assert self._popen.stderr is not None

@@ -71,6 +71,8 @@ def ft_args(*flags: str, port: int = 0, tick: float = 0.2, seed: int = 1) -> lis
         "127.0.0.1",
         "--port",
         str(port),
+        "--metrics-port",
+        "0",
         "--tick-interval",
         str(tick),
         "--seed",

@@ -122,7 +122,7 @@ def test_dockerfile_runtime_stage() -> None:
     uid = user.partition(":")[0]
     assert uid.isdigit(), f"runtime must run as a fixed numeric UID, not {user!r}"
     assert int(uid) != 0, "runtime must not run as root"
-    assert set(_only(runtime, "EXPOSE").split()) == {"50051", "8080"}
+    assert set(_only(runtime, "EXPOSE").split()) == {"50051", "8081", "8080"}
     assert _only(runtime, "STOPSIGNAL") == "SIGTERM"
     assert json.loads(_only(runtime, "CMD")) == SERVICE_ARGS["ft"]
 
@@ -410,7 +410,7 @@ CORE_LISTENING = r"Core listening on http://\S+:(?P<port>\d+),"
 
 @pytest.mark.e2e
 def test_probe_reports_running_services_healthy() -> None:
-    ft_args = [*SERVICE_ARGS["ft"], "--host", "127.0.0.1", "--port", "0"]
+    ft_args = [*SERVICE_ARGS["ft"], "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
     with _running(*ft_args) as ft:
         ft_port = ft.wait_for_port(FT_LISTENING)
         result = _probe(QUOTOPIA_SERVICE="ft", FT_PORT=str(ft_port))
@@ -425,7 +425,9 @@ def test_probe_reports_running_services_healthy() -> None:
 
 @pytest.mark.e2e
 def test_probe_reports_stopped_service_unhealthy() -> None:
-    with _running(*SERVICE_ARGS["ft"], "--host", "127.0.0.1", "--port", "0") as ft:
+    with _running(
+        *SERVICE_ARGS["ft"], "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"
+    ) as ft:
         port = str(ft.wait_for_port(FT_LISTENING))
         # A clean exit on SIGTERM is what the image's STOPSIGNAL relies on.
         assert ft.stop() == 0, "".join(ft.output)

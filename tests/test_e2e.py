@@ -9,7 +9,9 @@ killed and reaped when its ``with`` block ends, whatever happened.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -156,6 +158,37 @@ def test_up_runs_both_and_stops_both_on_sigterm() -> None:
         no_traceback(up)
 
 
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigint-to-up", "ctrl-c-in-a-terminal"])
+def test_up_stops_core_before_ft_so_a_clean_stop_warns_of_nothing(ctrl_c: bool) -> None:
+    # Were FT and Core stopped at the same moment, Core could see its feed end first
+    # and warn "feed lost". A terminal's Ctrl-C signals the whole foreground process
+    # group; with ctrl_c, up leads a group of its own and the test signals all of it.
+    env = clean_env(FT_HOST="127.0.0.1", CORE_HOST="127.0.0.1", FT_METRICS_PORT="0")
+    args = ("up", "--ft-port", "0", "--core-port", "0")
+    with QuotopiaProcess(*args, env=env, new_session=ctrl_c) as up:
+        ready = up.wait_for_line(r"^core \| .*" + CORE_READY, DEADLINE, stream="stdout")
+        core_port = int(ready[1])
+        # A stream from FT is open when the stop comes, so there is a feed to lose.
+        wait_until(lambda: feed(core_port)["connected"], DEADLINE, what="Core's feed")
+
+        if ctrl_c:
+            os.killpg(up.pid, signal.SIGINT)
+        else:
+            up.signal(signal.SIGINT)
+        assert up.wait(DEADLINE) == 0, up.output()
+        no_traceback(up)
+        assert up.stderr_lines == [], up.output()
+        stdout = up.stdout_lines
+        assert not [line for line in stdout if "WARNING" in line], up.output()
+
+        def first(prefix: str, text: str) -> int:
+            found = [i for i, line in enumerate(stdout) if line.startswith(prefix) and text in line]
+            assert found, f"no {prefix!r} line with {text!r}\n{up.output()}"
+            return found[0]
+
+        assert first("core | ", "Core stopped") < first("ft   | ", "FT stopped"), up.output()
+
+
 # --- the command line ------------------------------------------------------------
 
 
@@ -194,6 +227,7 @@ DOCUMENTED = {
         "--symbols",
         "--drain-timeout",
         "--log-level",
+        "--log-format",
     ],
     ("core",): [
         "--host",
@@ -203,8 +237,9 @@ DOCUMENTED = {
         "--feed-timeout",
         "--workers",
         "--log-level",
+        "--log-format",
     ],
-    ("up",): ["--ft-port", "--core-port", "--log-level"],
+    ("up",): ["--ft-port", "--core-port", "--log-level", "--log-format"],
 }
 
 

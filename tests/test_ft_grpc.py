@@ -69,6 +69,7 @@ def ft_config(**overrides: Any) -> FTConfig:
     settings: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": 0,
+        "metrics_port": 0,
         "tick_interval": TICK,
         "seed": SEED,
     }

@@ -36,6 +36,7 @@ from _services import (
     Service,
     btc,
     feed,
+    http_get,
     quotes,
     running_core,
     running_ft,
@@ -451,8 +452,22 @@ def test_sigterm_cuts_a_client_that_does_not_read_at_the_drain_deadline(dev: boo
         client.wait_for_line(r"^stream open, not reading$", DEADLINE, stream="stdout")
         client.wait_for_line(r"^health SERVING$", DEADLINE, stream="stdout")
         ft.process.wait_for_line(r"INFO +client connected: \S+ \(.*\); 1 subscribers$", DEADLINE)
+        metrics_port = int(
+            ft.process.wait_for_line(r"FT metrics on http://\S+:(\d+)/", DEADLINE)[1]
+        )
+        assert http_get(metrics_port, "/readyz") == (200, {"status": "ready"})
 
-        took = stop(ft)
+        signalled = time.monotonic()
+        ft.process.signal(signal.SIGTERM)
+        # While it drains, FT tells load balancers to stop sending.
+        wait_until(
+            lambda: http_get(metrics_port, "/readyz") == (503, {"status": "draining"}),
+            drain,
+            interval=0.01,
+            what="/readyz draining",
+        )
+        assert ft.process.wait(DEADLINE) == 0, ft.process.output()
+        took = time.monotonic() - signalled
         measured(f"ft_drain_with_stuck_client_s[{'dev' if dev else 'plain'}]", round(took, 3))
         assert drain <= took <= drain + 1.0, f"FT exited {took:.3f}s after SIGTERM"
         # While it drained, FT said NOT_SERVING (then it was gone).
@@ -468,10 +483,11 @@ def test_sigterm_cuts_a_client_that_does_not_read_at_the_drain_deadline(dev: boo
     events = [line for line in log if not noise.search(line)]
     expected = [
         r"INFO +FT listening on ",
+        r"INFO +FT metrics on http://",
         r"INFO +client connected: ",
         r"INFO +received SIGTERM, shutting down$",
         rf"WARNING +drain deadline \({drain:g}s\) passed with 1 streams still open; cutting them$",
-        r"INFO +client disconnected: \S+; 0 subscribers$",
+        r"INFO +client disconnected: \S+ \(drain\); 0 subscribers$",
         r"INFO +FT stopped \(0 slow consumers disconnected, \d+ quotes conflated\)$",
     ]
     assert len(events) == len(expected), ft.process.output()

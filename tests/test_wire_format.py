@@ -98,7 +98,7 @@ def test_each_quote_is_the_stock_encoding_behind_a_grpc_prefix(
     tick = market.open(moment)
     for _ in range(steps):
         tick = market.step(moment)
-    encoded = encode_quotes(tick)
+    encoded = encode_quotes(tick, 12.5)
     assert [e.symbol for e in encoded] == [q.symbol for q in tick]
     for quote, message in zip(tick, encoded, strict=True):
         protoc, betterproto = stock_encodings(quotes_pb2, quote)
@@ -108,8 +108,8 @@ def test_each_quote_is_the_stock_encoding_behind_a_grpc_prefix(
 
 def test_joined_messages_keep_order_and_honour_the_filter() -> None:
     tick = (
-        EncodedQuote("A", b"\x00\x00\x00\x00\x01a"),
-        EncodedQuote("B", b"\x00\x00\x00\x00\x01b"),
+        EncodedQuote("A", b"\x00\x00\x00\x00\x01a", 1.0, 0.0),
+        EncodedQuote("B", b"\x00\x00\x00\x00\x01b", 2.0, 0.0),
     )
     assert join_messages(tick, None) == tick[0].message + tick[1].message
     assert join_messages(tick, frozenset({"B"})) == tick[1].message
@@ -178,7 +178,7 @@ def reference_quotes(steps: int) -> dict[tuple[str, int], Quote]:
 async def test_each_tick_is_one_data_frame_of_stock_encoded_messages(
     quotes_pb2: ModuleType, requested: tuple[str, ...], per_tick: int
 ) -> None:
-    config = FTConfig(host="127.0.0.1", port=0, tick_interval=TICK, seed=SEED)
+    config = FTConfig(host="127.0.0.1", port=0, metrics_port=0, tick_interval=TICK, seed=SEED)
     request = quotes_pb2.StreamQuotesRequest(symbols=list(requested)).SerializeToString()
     async with running_ft(config) as port:
         with anyio.fail_after(DEADLINE):

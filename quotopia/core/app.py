@@ -25,7 +25,11 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from quotopia.core.metrics import CoreMetrics
+from quotopia.core.probes import readiness
 from quotopia.core.store import QuoteStore
+from quotopia.telemetry.metrics import build_info, exposition
+from quotopia.telemetry.probes import LIVE, Lifecycle, ProbeAnswer
 
 __all__ = ["PreparedQuotes", "create_app"]
 
@@ -40,8 +44,32 @@ def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def create_app(store: QuoteStore) -> QuartTrio:
-    """Build the app. It only reads ``store``; the feed consumer writes it."""
+def _probe(answer: ProbeAnswer) -> Response:
+    return _json(answer.body, answer.status)
+
+
+def create_app(
+    store: QuoteStore, metrics: CoreMetrics | None = None, lifecycle: Lifecycle | None = None
+) -> QuartTrio:
+    """Build the app. It only reads ``store``; the feed consumer writes it.
+
+    ``lifecycle`` is Core's phase (starting, serving, draining), for ``/readyz``;
+    without one, the app counts as serving. ``metrics`` is what ``/metrics``
+    shows; without it, a registry of the app's own.
+    """
+    if lifecycle is None:
+        lifecycle = Lifecycle()
+        lifecycle.serving()
+    serving = lifecycle
+    if metrics is None:
+        metrics = CoreMetrics(store, ready=lambda: readiness(serving, store).ok)
+    registry = metrics.registry
+    info = build_info("core")
+    version = {
+        "version": info["version"],
+        "commit": info["commit"] or None,
+        "python_version": info["python_version"],
+    }
     app = QuartTrio("quotopia.core")
     # No automatic OPTIONS (an empty text/html 200): OPTIONS gets the JSON 405.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -60,6 +88,23 @@ def create_app(store: QuoteStore) -> QuartTrio:
         return _json(
             {"status": "healthy", "time": _rfc3339(datetime.now(UTC)), "feed": store.feed_status()}
         )
+
+    @app.get("/livez")
+    async def livez() -> Response:
+        return _probe(LIVE)
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        return _probe(readiness(serving, store))
+
+    @app.get("/version")
+    async def version_info() -> Response:
+        return _json(version)
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        body, content_type = exposition(registry, request.headers.get("Accept", ""))
+        return Response(body, content_type=content_type)
 
     @app.get("/quotes")
     async def quotes() -> Response:

@@ -38,6 +38,11 @@ class CoreConfig:
     graceful_timeout: float = 1.0
     #: Processes serving HTTP on the one port, each a whole Core with its own feed.
     workers: int = 1
+    #: Seconds Core keeps serving after SIGTERM with /readyz answering 503 before it
+    #: stops accepting, so a load balancer (a Kubernetes Service) takes it out first.
+    shutdown_delay: float = 0.0
+    #: Log one line per HTTP request (hypercorn's access log).
+    access_log: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -54,6 +59,8 @@ class CoreConfig:
             raise ValueError(f"feed timeout must be positive, got {self.feed_timeout}")
         if not (math.isfinite(self.graceful_timeout) and self.graceful_timeout >= 0):
             raise ValueError(f"graceful timeout must be >= 0, got {self.graceful_timeout}")
+        if not (math.isfinite(self.shutdown_delay) and self.shutdown_delay >= 0):
+            raise ValueError(f"shutdown delay must be >= 0 seconds, got {self.shutdown_delay}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 import trio_asyncio
@@ -20,6 +20,7 @@ from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from quotopia._proto import Quote, StreamQuotesRequest
+from quotopia.contract import SNAPSHOT_SIZE_KEY, STREAM_QUOTES
 from quotopia.core.backoff import Backoff
 from quotopia.core.config import CoreConfig
 from quotopia.core.store import QuoteStore
@@ -62,12 +63,14 @@ async def _aio_session(config: CoreConfig, store: QuoteStore) -> None:
     try:
         async with asyncio.timeout(config.feed_timeout) as deadline:
             async with channel.request(
-                "/QuoteService/StreamQuotes", Cardinality.UNARY_STREAM, StreamQuotesRequest, Quote
+                STREAM_QUOTES, Cardinality.UNARY_STREAM, StreamQuotesRequest, Quote
             ) as stream:
                 await stream.send_message(StreamQuotesRequest(), end=True)
                 await stream.recv_initial_metadata()
-                store.feed_up()
-                logger.info("connected to FT at %s", config.ft_addr)
+                store.feed_up(_snapshot_size(stream.initial_metadata))
+                logger.info(
+                    "connected to FT at %s", config.ft_addr, extra={"ft_addr": config.ft_addr}
+                )
                 async for quote in stream:
                     deadline.reschedule(loop.time() + config.feed_timeout)
                     store.apply(
@@ -119,11 +122,20 @@ async def supervise_feed(
         if store.updates > received:
             backoff.reset()
         delay = backoff.next_delay()
+        fields = {"reason": reason, "delay": round(delay, 3), "ft_addr": config.ft_addr}
         if was_connected:
-            logger.warning("feed lost: %s; retrying in %.2fs", reason, delay)
+            logger.warning("feed lost: %s; retrying in %.2fs", reason, delay, extra=fields)
         else:
-            logger.info("FT unavailable: %s; retrying in %.2fs", reason, delay)
+            logger.info("FT unavailable: %s; retrying in %.2fs", reason, delay, extra=fields)
         await trio.sleep(delay)
+
+
+def _snapshot_size(metadata: Mapping[str, object] | None) -> int | None:
+    """The snapshot size FT announces in its response headers, if it does."""
+    value = (metadata or {}).get(SNAPSHOT_SIZE_KEY)
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
 
 
 def _describe(exc: Exception) -> str:

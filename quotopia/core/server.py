@@ -39,10 +39,14 @@ from quotopia.core.http import (
     FinishResponses,
     abort_connections,
     json_protocol_errors,
+    reason_phrases,
     track_connections,
 )
+from quotopia.core.metrics import CoreMetrics, MeasureRequests, RouteTemplates
+from quotopia.core.probes import readiness
 from quotopia.core.store import QuoteStore
 from quotopia.errors import StartupError, describe_os_error
+from quotopia.telemetry.probes import Lifecycle
 
 __all__ = ["serve"]
 
@@ -65,8 +69,16 @@ async def serve(
     the real port.
     """
     store = QuoteStore()
-    app = FinishResponses(PreparedQuotes(create_app(store), store))
+    lifecycle = Lifecycle()
+    metrics = CoreMetrics(store, ready=lambda: readiness(lifecycle, store).ok)
+    quart_app = create_app(store, metrics, lifecycle)
+    app = MeasureRequests(
+        FinishResponses(PreparedQuotes(quart_app, store)),
+        metrics,
+        RouteTemplates(quart_app.url_map),
+    )
     json_protocol_errors()
+    reason_phrases()
     track_connections()
     hypercorn_config = _hypercorn_config(config)
     if listener is not None:
@@ -75,7 +87,11 @@ async def serve(
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         try:
             binds = await nursery.start(
-                _serve_http, app, hypercorn_config, shutdown_trigger, nursery.cancel_scope
+                _serve_http,
+                app,
+                hypercorn_config,
+                _draining_first(shutdown_trigger, lifecycle, config.shutdown_delay),
+                nursery.cancel_scope,
             )
         except* OSError as group:
             raise StartupError(
@@ -93,8 +109,25 @@ async def serve(
             # The parent announces the port, once for all its workers.
             logger.info("serving port %d, feed from FT at %s", port, config.ft_addr)
         nursery.start_soon(partial(supervise_feed, config, store, session=session))
+        lifecycle.serving()
         task_status.started(port)
     logger.info("Core stopped")
+
+
+def _draining_first(
+    trigger: Callable[[], Awaitable[None]] | None, lifecycle: Lifecycle, delay: float
+) -> Callable[[], Awaitable[None]]:
+    """``trigger``, then /readyz says "draining" for ``delay`` seconds while Core
+    still serves, so a load balancer stops sending before Core stops accepting."""
+
+    async def drain_then_stop() -> None:
+        await (trigger or trio.sleep_forever)()
+        lifecycle.draining()
+        if delay > 0:
+            logger.info("draining: /readyz answers 503; stopping in %gs", delay)
+            await trio.sleep(delay)
+
+    return drain_then_stop
 
 
 async def _serve_http(
@@ -135,7 +168,9 @@ def _hypercorn_config(config: CoreConfig) -> HypercornConfig:
     hc = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
     hc.bind = [f"{host}:{config.port}"]
-    hc.accesslog = None
+    # hypercorn's access log, in our format, when asked for: one line per request.
+    hc.accesslog = logging.getLogger("hypercorn.access") if config.access_log else None
+    hc.access_log_format = '%(h)s "%(r)s" %(s)s %(b)s bytes %(L)ss'  # our lines carry the time
     # Hand hypercorn our logger, so its lines share our format.
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.graceful_timeout = config.graceful_timeout

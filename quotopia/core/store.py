@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from quotopia.telemetry.metrics import FastHistogram
+
 __all__ = ["QuoteStore", "StoredQuote"]
 
 
@@ -31,11 +33,17 @@ class StoredQuote:
 class QuoteStore:
     """The latest quote per symbol plus the feed's connection state.
 
-    ``clock`` is a monotonic clock in seconds; tests pass a fake one.
+    ``clock`` is a monotonic clock in seconds, ``wall_clock`` the time of day in
+    seconds since the epoch (to compare with FT's quote times); tests pass fakes.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._clock = clock
+        self._wall_clock = wall_clock
         self._quotes: dict[str, StoredQuote] = {}
         self._quotes_json: bytes | None = b"{}"
         #: Per symbol, the body of GET /quotes/<symbol> up to its ``age_seconds`` value.
@@ -46,6 +54,17 @@ class QuoteStore:
         self.reconnects = 0
         #: Quotes applied since start.
         self.updates = 0
+        #: Quotes applied since start, per symbol.
+        self.received: dict[str, int] = {}
+        #: From a quote's generation at FT (its ``time``) to its arrival here. The
+        #: two clocks are the two machines' time of day: across hosts, this includes
+        #: their clock offset.
+        self.feed_latency = FastHistogram()
+        #: True once a whole snapshot (every current quote FT has) has arrived: from
+        #: then on Core has something to serve for every symbol.
+        self.has_snapshot = False
+        #: Quotes of the current stream's snapshot still to come (None: unknown).
+        self._snapshot_left: int | None = None
         self._ever_connected = False
         self._last_update: float | None = None
 
@@ -60,12 +79,33 @@ class QuoteStore:
         self._quote_heads.pop(key, None)
         self._last_update = now
         self.updates += 1
+        self.received[symbol] = self.received.get(symbol, 0) + 1
+        if self._snapshot_left:
+            # A snapshot quote is as old as the last tick: no measure of the feed's delay.
+            self._snapshot_left -= 1
+        elif time is not None:
+            self.feed_latency.observe(max(0.0, self._wall_clock() - time.timestamp()))
+        if not self._snapshot_left:  # None (the size is unknown) or 0
+            self.has_snapshot = True
 
-    def feed_up(self) -> None:
+    def feed_up(self, snapshot_size: int | None = None) -> None:
+        """A stream from FT is open; ``snapshot_size`` quotes open it, if FT said so.
+
+        An FT that does not say (another implementation of the contract) counts
+        its first quote as the snapshot.
+        """
         if self._ever_connected:
             self.reconnects += 1
         self._ever_connected = True
         self.connected = True
+        self._snapshot_left = snapshot_size
+        if snapshot_size == 0:
+            self.has_snapshot = True
+
+    @property
+    def latest(self) -> list[StoredQuote]:
+        """The latest quote of every symbol, sorted by symbol."""
+        return sorted(self._quotes.values(), key=lambda q: q.symbol)
 
     def feed_down(self) -> None:
         self.connected = False

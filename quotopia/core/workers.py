@@ -58,18 +58,19 @@ STOP_TIMEOUT = 5.0
 _WORKER = "from quotopia.core.workers import _worker_main; _worker_main()"
 
 
-def run_workers(config: CoreConfig, log_level: str) -> int:
+def run_workers(config: CoreConfig, log_level: str, log_format: str = "text") -> int:
     """Serve Core from ``config.workers`` processes until SIGTERM or SIGINT.
 
-    Returns the exit status: 0 after a requested stop, 1 if a worker exited by
-    itself (or would not stop).
+    The parent and every worker log at ``log_level`` in ``log_format`` (see
+    :func:`quotopia.logs.configure`). Returns the exit status: 0 after a requested
+    stop, 1 if a worker exited by itself (or would not stop).
 
     Error handling: raises :class:`~quotopia.errors.StartupError` if the port
     cannot be bound, before any worker starts.
     """
-    logs.configure(log_level)
+    logs.configure(log_level, log_format, "core")
     listener = _listen(config)
-    return anyio.run(_supervise, config, listener, log_level, backend="trio")
+    return anyio.run(_supervise, config, listener, log_level, log_format, backend="trio")
 
 
 def _listen(config: CoreConfig) -> socket.socket:
@@ -82,7 +83,9 @@ def _listen(config: CoreConfig) -> socket.socket:
         ) from None
 
 
-async def _supervise(config: CoreConfig, listener: socket.socket, log_level: str) -> int:
+async def _supervise(
+    config: CoreConfig, listener: socket.socket, log_level: str, log_format: str
+) -> int:
     """Start the workers, wait for a signal or a worker's exit, then stop them all."""
     stopping = anyio.Event()
     failed = False
@@ -91,7 +94,7 @@ async def _supervise(config: CoreConfig, listener: socket.socket, log_level: str
     async def run_worker(number: int, *, task_status: TaskStatus[Process]) -> None:
         nonlocal failed
         argv = [sys.executable, "-c", _WORKER, str(number), str(listener.fileno())]
-        argv += [str(lifeline), log_level, json.dumps(dataclasses.asdict(config))]
+        argv += [str(lifeline), log_level, log_format, json.dumps(dataclasses.asdict(config))]
         # Leaving the block by cancellation kills the worker: none outlives this task.
         async with await anyio.open_process(
             argv,
@@ -169,13 +172,12 @@ async def _kill_after(delay: float, workers: list[Process]) -> None:
 
 def _worker_main() -> None:
     """A worker's entry point; its arguments (``sys.argv[1:]``): its number, the
-    listening socket's descriptor, the lifeline's, the log level, the config as JSON."""
-    number, listen_fd, lifeline_fd, log_level, settings = sys.argv[1:]
-    logs.configure(log_level)
-    # Say which worker wrote each line: the N workers share one stderr.
-    prefixed = logs.FORMAT.replace("%(message)s", f"worker {number}: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(logging.Formatter(prefixed, logs.DATE_FORMAT))
+    listening socket's descriptor, the lifeline's, the log level, the log format,
+    the config as JSON."""
+    number, listen_fd, lifeline_fd, log_level, log_format, settings = sys.argv[1:]
+    # The N workers share one stderr: each line says which one wrote it (a
+    # "worker N:" prefix of the text, or a "worker" key of the JSON).
+    logs.configure(log_level, log_format, "core", worker=int(number))
     config = CoreConfig(**json.loads(settings))
     listener = socket.socket(fileno=int(listen_fd))
     trio.run(_serve_worker, config, listener, int(lifeline_fd))

@@ -35,13 +35,14 @@ the subscriber is back to waiting with an empty buffer.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-__all__ = ["Broadcaster", "BroadcasterClosed", "Subscription"]
+__all__ = ["Broadcaster", "BroadcasterClosed", "Lag", "Subscription"]
 
 
 class HasSymbol(Protocol):
@@ -55,6 +56,18 @@ T = TypeVar("T")
 
 class BroadcasterClosed(Exception):
     """Raised by :meth:`Broadcaster.subscribe` once the server has begun draining."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """How far behind the subscribers are, at one moment (see :meth:`Broadcaster.lag`)."""
+
+    #: Subscribers whose stream is full, so their quotes are being conflated.
+    behind: int = 0
+    #: Ticks waiting for the most backlogged subscriber (a conflated batch counts one).
+    max_backlog: int = 0
+    #: How long the longest-lagging subscriber has been behind, in seconds.
+    max_behind_seconds: float = 0.0
 
 
 class Subscription(Generic[Q]):
@@ -118,6 +131,11 @@ class Subscription(Generic[Q]):
             self._direct = None
         return [tick, *_take_buffered(self.updates)]
 
+    @property
+    def backlog(self) -> int:
+        """Ticks waiting for this subscriber: those buffered, plus a conflated batch."""
+        return self.updates.statistics().current_buffer_used + bool(self._pending)
+
     def __exit__(self, *exc_info: object) -> None:
         self._send.close()
         self.updates.close()
@@ -154,9 +172,28 @@ class Broadcaster(Generic[Q]):
         return len(self._subscribers)
 
     @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called (FT is draining)."""
+        return self._closed
+
+    @property
     def latest(self) -> dict[str, Q]:
         """A copy of the latest quote of every symbol published so far."""
         return dict(self._latest)
+
+    def lag(self, now: float) -> Lag:
+        """How far behind the subscribers are at ``now`` (the clock of :meth:`publish`).
+
+        One pass over the subscribers: for a scrape, not for every tick.
+        """
+        behind = max_backlog = 0
+        oldest = now
+        for sub in self._subscribers:
+            max_backlog = max(max_backlog, sub.backlog)
+            if sub._pending:
+                behind += 1
+                oldest = min(oldest, sub._behind_since)
+        return Lag(behind, max_backlog, now - oldest)
 
     def publish(self, quotes: tuple[Q, ...], now: float | None = None) -> None:
         """Record one tick's quotes and hand them to every subscriber, without blocking.

@@ -17,6 +17,10 @@ class FTConfig:
     host: str = "0.0.0.0"
     #: 0 asks the OS for a free port; :func:`quotopia.ft.serve` reports the real one.
     port: int = 50051
+    #: HTTP port of /metrics, /livez and /readyz (0: a free one, logged). 8081 sits
+    #: beside Core's 8080 and clear of Prometheus's own components (9090-9094,
+    #: exporters from 9100 up) and Grafana (3000).
+    metrics_port: int = 8081
     #: Seconds between two price updates.
     tick_interval: float = 1.0
     #: Seed of the random walk; None seeds from the OS (a different path every run).
@@ -39,6 +43,10 @@ class FTConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be 0..65535, got {self.metrics_port}")
+        if self.metrics_port == self.port != 0:
+            raise ValueError(f"metrics port and gRPC port are both {self.port}")
         if not (math.isfinite(self.tick_interval) and self.tick_interval > 0):
             raise ValueError(
                 f"tick interval must be a positive number of seconds, got {self.tick_interval}"

@@ -1,28 +1,32 @@
-"""FT's task tree: the generator, the gRPC server and the shutdown path.
+"""FT's task tree: the generator, the gRPC server, the metrics endpoint, the shutdown.
 
 ::
 
     quotopia ft ── anyio.run(backend="asyncio")
       shutdown_on_signals ...... signal watcher: SIGTERM/SIGINT → shutdown_trigger returns
-        serve() ── task group
-          ├─ grpclib server .... QuoteService + grpc.health.v1 + reflection
-          │    └─ one handler per stream (quotopia.ft.service)
-          └─ generator ......... every tick: market.step() → encode → broadcaster.publish()
+        serve() ── outer task group
+          ├─ metrics endpoint .. /metrics, /livez, /readyz on --metrics-port (hypercorn)
+          └─ task group
+              ├─ grpclib server  QuoteService + grpc.health.v1 + reflection
+              │    └─ one handler per stream (quotopia.ft.service)
+              └─ generator ..... every tick: market.step() → encode → broadcaster.publish()
 
-The drain on shutdown: mark health NOT_SERVING, refuse new streams, end every open
-stream with status OK, wait for subscribers to leave (bounded by ``drain_timeout``),
-then close the server. grpclib's ``Server.close()`` alone would cancel handlers
-mid-stream and leave connections half-open.
+The drain on shutdown: mark health NOT_SERVING and /readyz "draining", refuse new
+streams, end every open stream with status OK, wait for subscribers to leave
+(bounded by ``drain_timeout``), then close the server. grpclib's
+``Server.close()`` alone would cancel handlers mid-stream and leave connections
+half-open. The metrics endpoint stops last, so the drain can be watched.
 """
 
 from __future__ import annotations
 
 import logging
 import resource
-import socket
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import UTC, datetime
+from functools import partial
 
 import anyio
 import anyio.lowlevel
@@ -39,12 +43,14 @@ from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 from grpclib.server import Server
 
 from quotopia._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
-from quotopia.errors import StartupError, describe_os_error
 from quotopia.ft.broadcast import Broadcaster
 from quotopia.ft.config import FTConfig
+from quotopia.ft.metrics import FTMetrics
 from quotopia.ft.service import QuoteService
 from quotopia.ft.wire import EncodedQuote, encode_quotes
 from quotopia.market import Market, Quote
+from quotopia.telemetry.endpoint import TelemetryApp, listening_socket, serve_endpoint
+from quotopia.telemetry.probes import Lifecycle
 
 __all__ = ["serve"]
 
@@ -71,44 +77,74 @@ async def serve(
     broadcaster: Broadcaster[EncodedQuote] = Broadcaster(
         config.subscriber_buffer, config.slow_consumer_timeout
     )
-    quotes = QuoteService(market.symbols, broadcaster)
+    lifecycle = Lifecycle()
+    metrics = FTMetrics(broadcaster, ready=lambda: lifecycle.readiness().ok)
+    quotes = QuoteService(market.symbols, broadcaster, metrics)
     serving = ServiceStatus()
     health = Health({quotes: [serving]})
     server = _Server(
         ServerReflection.extend([quotes, health], pool=_descriptor_pool()),
         config=_keepalive(config.keepalive),
     )
+    endpoint = TelemetryApp(metrics.registry, lifecycle.readiness)
+    stop_endpoint = anyio.Event()
 
-    async with anyio.create_task_group() as tg:
-        port = await tg.start(_run_server, server, config.host, config.port)
-        await tg.start(_generate, market, broadcaster, config)
-        serving.set(True)
-        logger.info(
-            "FT listening on %s:%d (symbols %s, tick %gs)",
-            config.host,
-            port,
-            ",".join(market.symbols),
-            config.tick_interval,
-        )
-        task_status.started(port)
-
-        await (shutdown_trigger or anyio.sleep_forever)()
-
-        serving.set(False)
-        broadcaster.close()
-        with anyio.move_on_after(config.drain_timeout) as drain:
-            await broadcaster.wait_empty()
-        if drain.cancelled_caught:
-            logger.warning(
-                "drain deadline (%gs) passed with %d streams still open; cutting them",
-                config.drain_timeout,
-                broadcaster.subscriber_count,
+    # The metrics endpoint outlives the gRPC side, so /readyz says "draining" for
+    # the whole drain and Prometheus sees the last figures.
+    async with anyio.create_task_group() as outer:
+        metrics_port = await outer.start(
+            partial(
+                serve_endpoint,
+                endpoint,
+                config.host,
+                config.metrics_port,
+                shutdown_trigger=stop_endpoint.wait,
             )
-        tg.cancel_scope.cancel()
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                port = await tg.start(_run_server, server, config.host, config.port)
+                await tg.start(_generate, market, broadcaster, metrics, config)
+                serving.set(True)
+                lifecycle.serving()
+                logger.info(
+                    "FT listening on %s:%d (symbols %s, tick %gs)",
+                    config.host,
+                    port,
+                    ",".join(market.symbols),
+                    config.tick_interval,
+                    extra={"port": port, "symbols": list(market.symbols)},
+                )
+                logger.info(
+                    "FT metrics on http://%s:%d/metrics",
+                    config.host,
+                    metrics_port,
+                    extra={"port": metrics_port},
+                )
+                task_status.started(port)
+
+                await (shutdown_trigger or anyio.sleep_forever)()
+
+                lifecycle.draining()
+                serving.set(False)
+                broadcaster.close()
+                with anyio.move_on_after(config.drain_timeout) as drain:
+                    await broadcaster.wait_empty()
+                if drain.cancelled_caught:
+                    logger.warning(
+                        "drain deadline (%gs) passed with %d streams still open; cutting them",
+                        config.drain_timeout,
+                        broadcaster.subscriber_count,
+                        extra={"subscribers": broadcaster.subscriber_count},
+                    )
+                tg.cancel_scope.cancel()
+        finally:
+            stop_endpoint.set()
     logger.info(
         "FT stopped (%d slow consumers disconnected, %d quotes conflated)",
         broadcaster.slow_disconnects,
         broadcaster.conflated,
+        extra={"slow_consumers": broadcaster.slow_disconnects, "conflated": broadcaster.conflated},
     )
 
 
@@ -160,11 +196,7 @@ async def _run_server(
     server: _Server, host: str, port: int, *, task_status: TaskStatus[int]
 ) -> None:
     """Own the grpclib server: listen, report the port, close it when cancelled."""
-    try:
-        sock = _listening_socket(host, port)
-    except OSError as exc:
-        raise StartupError(f"cannot listen on {host}:{port}: {describe_os_error(exc)}") from None
-    with sock:
+    with listening_socket(host, port, BACKLOG) as sock:
         await server.start(sock=sock, backlog=BACKLOG)
         try:
             task_status.started(sock.getsockname()[1])
@@ -176,14 +208,6 @@ async def _run_server(
                 server.close_connections()
                 # Let the transports finish closing before the event loop does.
                 await anyio.lowlevel.checkpoint()
-
-
-def _listening_socket(host: str, port: int) -> socket.socket:
-    """Bind a TCP socket ourselves, so port 0 works and the real port is known."""
-    family, _, _, _, addr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    return socket.create_server(addr, family=family, backlog=BACKLOG)
 
 
 def _raise_open_file_limit() -> None:
@@ -205,6 +229,7 @@ def _raise_open_file_limit() -> None:
 async def _generate(
     market: Market,
     broadcaster: Broadcaster[EncodedQuote],
+    metrics: FTMetrics,
     config: FTConfig,
     *,
     task_status: TaskStatus[None],
@@ -217,7 +242,7 @@ async def _generate(
     behind, the schedule restarts from now instead of firing a burst of catch-up ticks.
     """
     opening = market.open(_now())
-    broadcaster.publish(encode_quotes(opening))
+    broadcaster.publish(encode_quotes(opening, time.monotonic()))
     task_status.started()
     interval = config.tick_interval
     decimals = {i.symbol: i.decimals for i in config.instruments}
@@ -226,7 +251,9 @@ async def _generate(
     while True:
         await anyio.sleep_until(next_tick)
         step = market.step(_now())
-        broadcaster.publish(encode_quotes(step))
+        tick = encode_quotes(step, time.monotonic())
+        broadcaster.publish(tick)
+        metrics.tick(tick)
         _log_moves(step, previous, decimals)
         next_tick += interval
         now = anyio.current_time()

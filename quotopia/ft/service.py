@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -12,7 +13,9 @@ from grpclib.server import Stream
 from h2.errors import ErrorCodes
 
 from quotopia._proto import Quote, StreamQuotesRequest
+from quotopia.contract import SNAPSHOT_SIZE_KEY, STREAM_QUOTES
 from quotopia.ft.broadcast import Broadcaster, BroadcasterClosed
+from quotopia.ft.metrics import Disconnect, FTMetrics
 from quotopia.ft.wire import EncodedQuote, join_messages
 from quotopia.ft.writer import MessageWriter
 
@@ -39,14 +42,20 @@ class QuoteService:
     keeps up never wakes its handler's task at all.
     """
 
-    def __init__(self, symbols: Sequence[str], broadcaster: Broadcaster[EncodedQuote]) -> None:
+    def __init__(
+        self,
+        symbols: Sequence[str],
+        broadcaster: Broadcaster[EncodedQuote],
+        metrics: FTMetrics,
+    ) -> None:
         self._canonical = {s.upper(): s for s in symbols}
         self._all = frozenset(self._canonical.values())
         self._broadcaster = broadcaster
+        self._metrics = metrics
 
     def __mapping__(self) -> dict[str, Handler]:
         return {
-            "/QuoteService/StreamQuotes": Handler(
+            STREAM_QUOTES: Handler(
                 self.stream_quotes, Cardinality.UNARY_STREAM, StreamQuotesRequest, Quote
             )
         }
@@ -83,42 +92,79 @@ class QuoteService:
             sub = self._broadcaster.subscribe()
         except BroadcasterClosed:
             raise GRPCError(Status.UNAVAILABLE, "FT is shutting down") from None
+        metrics = self._metrics
+        metrics.connects += 1
         peer = _peer(stream)
         logger.info(
             "client connected: %s (%s); %d subscribers",
             peer,
             ",".join(sorted(wanted)),
             self._broadcaster.subscriber_count,
+            extra={"peer": peer, "subscribers": self._broadcaster.subscriber_count},
         )
         writer = MessageWriter(stream)
+        latency = metrics.delivery_latency
+        clock = time.monotonic
 
         def write_now(tick: tuple[EncodedQuote, ...]) -> bool:
             # Called by publish() while this task waits: see Subscription.receive.
             data = join_messages(tick, only)
-            return not data or writer.write_nowait(data)
+            if not data:
+                return True
+            if not writer.write_nowait(data):
+                return False
+            latency.observe(clock() - tick[0].generated_at)
+            return True
 
+        snapshot = join_messages(sub.snapshot, only)
         sending = False  # True while a message may be half-written
+        # Until shown otherwise, a stream ends because its client went away: grpclib
+        # cancels the handler when the client cancels or its connection closes.
+        reason = Disconnect.NORMAL
         try:
             with sub, sub.cancel_scope:
-                await writer.start()
-                data = join_messages(sub.snapshot, only)
+                # The snapshot's size tells the client when it has every current
+                # quote (Core is not ready before that).
+                await writer.start({SNAPSHOT_SIZE_KEY: str(_count(sub.snapshot, only))})
+                data = snapshot
+                ticks: list[tuple[EncodedQuote, ...]] = []
                 while True:
                     if data:
                         sending = True
                         await writer.write(data)
                         sending = False
+                        now = clock()
+                        for tick in ticks:
+                            if tick and (only is None or any(q.symbol in only for q in tick)):
+                                latency.observe(now - min(q.generated_at for q in tick))
                     try:
                         ticks = await sub.receive(direct=write_now)
                     except anyio.EndOfStream:
+                        reason = Disconnect.DRAIN
                         break
                     data = b"".join([join_messages(tick, only) for tick in ticks])
+        except StreamTerminatedError:
+            raise
+        except Exception:
+            reason = Disconnect.ERROR
+            raise
         finally:
-            reason = " (slow consumer)" if sub.slow else ""
+            if sub.slow:
+                reason = Disconnect.SLOW_CONSUMER
+            elif self._broadcaster.closed and reason is Disconnect.NORMAL:
+                reason = Disconnect.DRAIN  # cut at the drain deadline
+            metrics.disconnects[reason] += 1
+            shown = "" if reason is Disconnect.NORMAL else f" ({reason.value.replace('_', ' ')})"
             logger.info(
                 "client disconnected: %s%s; %d subscribers",
                 peer,
-                reason,
+                shown,
                 self._broadcaster.subscriber_count,
+                extra={
+                    "peer": peer,
+                    "reason": reason.value,
+                    "subscribers": self._broadcaster.subscriber_count,
+                },
             )
         if sub.slow:
             if sending:
@@ -128,6 +174,13 @@ class QuoteService:
                 Status.RESOURCE_EXHAUSTED, "slow consumer: the client fell too far behind"
             )
         # Returning ends the stream with status OK: the broadcaster closed (a drain).
+
+
+def _count(quotes: Sequence[EncodedQuote], only: frozenset[str] | None) -> int:
+    """How many of ``quotes`` a stream that wants ``only`` (None: all) gets."""
+    if only is None:
+        return len(quotes)
+    return sum(1 for q in quotes if q.symbol in only)
 
 
 async def _receive_request(stream: Stream[StreamQuotesRequest, Quote]) -> list[str]:

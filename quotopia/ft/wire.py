@@ -43,10 +43,18 @@ class EncodedQuote:
     symbol: str
     #: The quote as one gRPC message: length prefix, then the protobuf ``Quote``.
     message: bytes
+    #: Its price, for FT's price gauge.
+    price: float
+    #: When FT generated it, on the monotonic clock (``time.monotonic()``): the
+    #: start of its delivery latency.
+    generated_at: float
 
 
-def encode_quotes(quotes: Iterable[Quote]) -> tuple[EncodedQuote, ...]:
-    """Encode each of one tick's quotes as the gRPC message every subscriber gets."""
+def encode_quotes(quotes: Iterable[Quote], generated_at: float) -> tuple[EncodedQuote, ...]:
+    """Encode each of one tick's quotes as the gRPC message every subscriber gets.
+
+    ``generated_at`` is the tick's moment on the monotonic clock.
+    """
     return tuple(
         EncodedQuote(
             q.symbol,
@@ -61,6 +69,8 @@ def encode_quotes(quotes: Iterable[Quote]) -> tuple[EncodedQuote, ...]:
                     )
                 )
             ),
+            q.price,
+            generated_at,
         )
         for q in quotes
     )

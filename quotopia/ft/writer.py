@@ -45,9 +45,9 @@ class MessageWriter:
         assert self._h2_stream.id is not None
         self._stream_id = self._h2_stream.id
 
-    async def start(self) -> None:
-        """Send the response headers (grpclib's initial metadata)."""
-        await self._stream.send_initial_metadata()
+    async def start(self, metadata: dict[str, str] | None = None) -> None:
+        """Send the response headers (grpclib's initial metadata), with ``metadata``."""
+        await self._stream.send_initial_metadata(metadata=metadata)
 
     async def write(self, data: bytes) -> None:
         """Write ``data``, waiting for the client's flow-control window if need be.

@@ -26,7 +26,7 @@ from quotopia.market import DEFAULT_SYMBOLS
 
 from .loadclient import Subscribers
 from .plan import Context
-from .procs import Sampler, Service, ft_ready, others_cpu_pct, start_ft
+from .procs import Sampler, Service, ft_ready, others_cpu_pct, scraping, start_ft
 from .report import Part, Row, mib, ms, pct, rate
 
 __all__ = ["SYMBOLS", "measure_feed", "run_fanout", "run_throughput", "start_peer_ft"]
@@ -123,7 +123,7 @@ def run_fanout(ctx: Context) -> Part:
     results: dict[str, dict[str, object]] = {}
     for n in plan.fanout_sizes:
         ft, port = start_ft(plan.fanout_tick_s)
-        with ft:
+        with ft, scraping(ft.metrics_port):
             result = measure_feed(
                 ctx,
                 ft,
