@@ -185,9 +185,15 @@ def test_compose_services() -> None:
     compose = _compose()
     assert "version" not in compose, "the Compose specification has no version key"
     services = compose["services"]
-    assert set(services) == {"ft", "core"}
+    # What a plain `docker compose up` starts; the `monitoring` profile's services
+    # are checked in tests/test_monitoring_files.py.
+    assert {name for name, service in services.items() if not service.get("profiles")} == {
+        "ft",
+        "core",
+    }
 
-    for name, ports in (("ft", ["50051:50051"]), ("core", ["8080:8080"])):
+    # FT's second port is its metrics endpoint (FT_METRICS_PORT).
+    for name, ports in (("ft", ["50051:50051", "8081:8081"]), ("core", ["8080:8080"])):
         service = services[name]
         assert service["container_name"] == f"quotopia-{name}"
         assert service["image"] == "quotopia:latest"

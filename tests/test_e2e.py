@@ -142,7 +142,7 @@ def test_sigterm_stops_both_cleanly_and_quickly(ft: Service, core: Service) -> N
 
 
 def test_up_runs_both_and_stops_both_on_sigterm() -> None:
-    env = clean_env(FT_HOST="127.0.0.1", CORE_HOST="127.0.0.1")
+    env = clean_env(FT_HOST="127.0.0.1", CORE_HOST="127.0.0.1", FT_METRICS_PORT="0")
     with QuotopiaProcess("up", "--ft-port", "0", "--core-port", "0", env=env) as up:
         ft_port = up.wait_for_line(r"^ft   \| .*" + FT_READY, DEADLINE, stream="stdout")[1]
         ready = up.wait_for_line(r"^core \| .*" + CORE_READY, DEADLINE, stream="stdout")

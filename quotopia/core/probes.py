@@ -7,7 +7,7 @@
   with their age. A stale price that says how old it is beats no answer; and
   since every Core replica reads the same FT, an outage of FT would make *all*
   of them unready at once, leaving a load balancer nothing to send to. The
-  ``QuotopiaFeedDown`` and ``QuotopiaQuotesStale`` alerts report the outage.
+  ``QuotopiaCoreFeedDown`` and ``QuotopiaQuotesStale`` alerts report the outage.
 - ``draining`` (503): SIGTERM arrived; Core finishes what it has and goes.
 
 Pure: no I/O.

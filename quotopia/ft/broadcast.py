@@ -189,6 +189,10 @@ class Broadcaster(Generic[Q]):
         behind = max_backlog = 0
         oldest = now
         for sub in self._subscribers:
+            if sub._direct is not None:
+                # Waiting for a tick with nothing buffered: the usual case, and
+                # reading the stream's statistics would cost ten times as much.
+                continue
             max_backlog = max(max_backlog, sub.backlog)
             if sub._pending:
                 behind += 1

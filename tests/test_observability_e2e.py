@@ -1,0 +1,108 @@
+"""Observability end to end: real FT and Core, scraped by the shipped Prometheus config.
+
+FT, Core and a private Prometheus (tests/_prometheus.py) run as processes on
+127.0.0.1, Prometheus with deploy/monitoring's rules and a 1 s scrape. The test
+checks the contract of the metric catalogue (tests/_monitoring.py) against what
+the services really export, that every dashboard panel has data, and that
+Prometheus sees FT die.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from _monitoring import CATALOGUE, dashboard_queries, exported_names, substitute_intervals
+from _prometheus import Prometheus, running_prometheus
+from _services import DEADLINE, http_get, running_core, running_ft
+
+#: FT's metrics endpoint announces itself; group 1 is its port.
+FT_METRICS = r"FT metrics on http://127\.0\.0\.1:(\d+)/metrics"
+#: What Grafana's $__rate_interval would be with a 1 s scrape: at least 4 scrapes,
+#: so a rate() window always holds two samples or more.
+RATE_WINDOW = "5s"
+
+
+def _owner(name: str) -> set[str]:
+    """The jobs that export catalogue entry ``name``."""
+    if name.startswith("quotopia_ft_"):
+        return {"ft"}
+    if name.startswith("quotopia_core_"):
+        return {"core"}
+    return {"ft", "core"}  # build info, process and Python collectors
+
+
+def _exported(prometheus: Prometheus, job: str) -> set[str]:
+    """Every metric name Prometheus has scraped from ``job``."""
+    samples = prometheus.query(f'group by (__name__) ({{job="{job}"}})')
+    return {sample["metric"]["__name__"] for sample in samples}
+
+
+@pytest.mark.e2e
+def test_metrics_dashboard_and_an_outage_through_prometheus(tmp_path: Path) -> None:
+    with (
+        running_ft("--metrics-port", "0") as ft,
+        running_core(ft.port) as core,
+    ):
+        metrics_port = int(ft.process.wait_for_line(FT_METRICS, DEADLINE)[1])
+        targets = {"ft": f"127.0.0.1:{metrics_port}", "core": f"127.0.0.1:{core.port}"}
+        with running_prometheus(tmp_path, targets) as prometheus:
+            prometheus.wait_for('up{job="ft"} == 1')
+            prometheus.wait_for('up{job="core"} == 1')
+            prometheus.wait_for("quotopia_ft_ticks_total > 0")
+            prometheus.wait_for("quotopia_core_feed_connected == 1")
+
+            # Traffic for the request metrics, errors included: the routes are
+            # templates, so /quotes/DOGE counts as "/quotes/{symbol}".
+            for path, status in (
+                ("/quotes", 200),
+                ("/quotes/BTC", 200),
+                ("/quotes/DOGE", 404),
+                ("/health", 200),
+                ("/nope", 404),
+            ):
+                assert http_get(core.port, path)[0] == status, path
+            prometheus.wait_for(
+                'quotopia_core_http_requests_total{route="/quotes/{symbol}", status="404"}'
+            )
+
+            # The catalogue is what the services export: every entry, from its owner.
+            for job in ("ft", "core"):
+                exported = _exported(prometheus, job)
+                missing = {
+                    name
+                    for name in CATALOGUE
+                    if job in _owner(name) and not exported_names(name) <= exported
+                }
+                assert not missing, f"{job} does not export {sorted(missing)}"
+
+            # Every panel has data. Recording rules need two evaluations over
+            # scraped samples, so poll rather than ask once.
+            queries = [
+                (title, substitute_intervals(expr, RATE_WINDOW))
+                for title, expr in dashboard_queries()
+            ]
+            empty: list[str] = []
+
+            def every_panel_has_data() -> bool:
+                empty[:] = [
+                    f"{title}: {expr}" for title, expr in queries if not prometheus.query(expr)
+                ]
+                return not empty
+
+            try:
+                prometheus.wait_for(every_panel_has_data, what="data for every panel query")
+            except AssertionError as error:
+                no_data = "\n".join(empty)
+                raise AssertionError(f"panels without data:\n{no_data}\n{error}") from None
+
+            # FT dies: Prometheus's scrape fails, Core's feed drops, and the shipped
+            # alert starts (pending: its `for` is 15 s).
+            ft.process.kill()
+            prometheus.wait_for('up{job="ft"} == 0')
+            prometheus.wait_for("quotopia_core_feed_connected == 0")
+            prometheus.wait_for(
+                'ALERTS{alertname="QuotopiaServiceDown", job="ft", alertstate="pending"}'
+            )
+            # Core itself is still scraped, still serving.
+            assert prometheus.query('up{job="core"} == 1'), prometheus.describe()
