@@ -1,7 +1,9 @@
 """Core's HTTP API: quart-trio routes over a :class:`QuoteStore`, and a fast path.
 
-Every response is JSON, errors included: an unknown path is a 404 JSON body, a
-wrong method a 405 JSON body, never an HTML page.
+Every response of the API is JSON, errors included: an unknown path is a 404 JSON
+body, a wrong method a 405 JSON body, never an HTML page. (The one page is the docs,
+``GET /docs``; ``GET /openapi.json`` describes the API: see
+:mod:`quotopia.core.openapi`.)
 
 :func:`create_app` is the whole API. :class:`PreparedQuotes`, in front of it,
 answers the two hot requests (``GET /quotes`` and ``GET /quotes/<symbol>``) with
@@ -26,6 +28,19 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from quotopia.core.metrics import CoreMetrics
+from quotopia.core.openapi import (
+    Alive,
+    Health,
+    MetricsText,
+    NotReady,
+    Prices,
+    Quote,
+    QuoteNotFound,
+    Ready,
+    Version,
+    documented,
+    serve_docs,
+)
 from quotopia.core.probes import readiness
 from quotopia.core.store import QuoteStore
 from quotopia.telemetry.metrics import build_info, exposition
@@ -70,11 +85,13 @@ def create_app(
         "commit": info["commit"] or None,
         "python_version": info["python_version"],
     }
-    app = QuartTrio("quotopia.core")
+    # The static folder (the docs page's assets) comes with serve_docs, below.
+    app = QuartTrio("quotopia.core", static_folder=None)
     # No automatic OPTIONS (an empty text/html 200): OPTIONS gets the JSON 405.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     # No "//" → "/" redirect: routing redirects skip the error handlers (an HTML 308).
     app.url_map.merge_slashes = False
+    serve_docs(app)
 
     @app.before_request
     async def refuse_a_body_too_large() -> None:
@@ -84,34 +101,63 @@ def create_app(
             raise RequestEntityTooLarge()
 
     @app.get("/health")
+    @documented("health", {200: Health})
     async def health() -> Response:
+        """Core's health and its feed's.
+
+        Always 200 while Core answers: a feed that is down shows as
+        `"connected": false`.
+        """
         return _json(
             {"status": "healthy", "time": _rfc3339(datetime.now(UTC)), "feed": store.feed_status()}
         )
 
     @app.get("/livez")
+    @documented("health", {200: Alive})
     async def livez() -> Response:
+        """Liveness: Core's process and event loop answer."""
         return _probe(LIVE)
 
     @app.get("/readyz")
+    @documented("health", {200: Ready, 503: NotReady})
     async def readyz() -> Response:
+        """Readiness: should a load balancer send Core traffic now?
+
+        503 while Core starts (no whole snapshot from FT yet) and while it drains
+        after SIGTERM. FT being down is 200 `degraded`: Core serves the last prices.
+        """
         return _probe(readiness(serving, store))
 
     @app.get("/version")
+    @documented("service", {200: Version}, name="version")
     async def version_info() -> Response:
+        """The build of Core: version, git commit and Python version."""
         return _json(version)
 
     @app.get("/metrics")
+    @documented("service", {200: MetricsText}, name="metrics")
     async def metrics_text() -> Response:
+        """Prometheus metrics: requests, the feed, the process.
+
+        The catalogue is in docs/observability.md.
+        """
         body, content_type = exposition(registry, request.headers.get("Accept", ""))
         return Response(body, content_type=content_type)
 
     @app.get("/quotes")
+    @documented("quotes", {200: Prices})
     async def quotes() -> Response:
+        """The latest price of every symbol."""
         return Response(store.quotes_json(), content_type="application/json")
 
     @app.get("/quotes/<symbol>")
+    @documented("quotes", {200: Quote, 404: QuoteNotFound})
     async def quote(symbol: str) -> Response:
+        """The latest quote of one symbol, matched case-insensitively.
+
+        The answer names the canonical symbol. `age_seconds` grows while FT is
+        down and Core serves the last known price.
+        """
         body = store.quote_json(symbol)
         if body is None:
             return _json({"error": "not found", "symbol": symbol}, 404)

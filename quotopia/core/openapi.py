@@ -1,0 +1,320 @@
+"""Core's OpenAPI 3.1 description, generated from the routes, and its docs page.
+
+:func:`serve_docs` puts quart-schema on the app: ``GET /openapi.json`` is the
+document, built from the routes' docstrings and :func:`documented` decorations;
+``GET /docs`` is Swagger UI, whose assets Core serves itself from
+``static/swagger-ui/`` (vendored, see its README), so the page works offline.
+
+The models below only *describe* the bodies: the routes write their JSON
+themselves (the two hot ones as prepared bytes, see :mod:`quotopia.core.store`),
+and tests/test_openapi.py checks that real answers match these schemas. Every
+model forbids extra members, so the schemas say exactly which members there are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+from quart import Quart
+from quart_schema import QuartSchema, document_response, operation_id, tag
+from quart_schema.openapi import Info, OpenAPIProvider, Tag
+from quart_schema.typing import Model
+from werkzeug.routing import BaseConverter, Rule
+
+from quotopia import __version__
+
+__all__ = [
+    "STATIC_FOLDER",
+    "TAGS",
+    "Alive",
+    "CoreOpenAPI",
+    "Feed",
+    "Health",
+    "InternalError",
+    "MethodNotAllowed",
+    "MetricsText",
+    "NotReady",
+    "PathNotFound",
+    "Prices",
+    "Quote",
+    "QuoteNotFound",
+    "Ready",
+    "SymbolNotFound",
+    "TooLarge",
+    "Version",
+    "documented",
+    "serve_docs",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Core's static files: only the docs page's assets.
+STATIC_FOLDER = Path(__file__).parent / "static"
+_SWAGGER_UI = "static/swagger-ui"
+
+TAGS = [
+    Tag(name="quotes", description="The latest prices, as FT's feed brought them."),
+    Tag(name="health", description="Liveness, readiness and the state of the feed."),
+    Tag(name="service", description="Build information and Prometheus metrics."),
+]
+
+DESCRIPTION = """\
+Core keeps the latest quote of every symbol that FT streams, and serves it over HTTP.
+
+Every response is JSON (`application/json`), errors included, except `/metrics`
+(Prometheus' text format) and the docs page (`/docs`). A path not listed here answers
+`404 {"error": "not found", "path": ...}`; a method other than `GET` or `HEAD`
+answers `405 {"error": "method not allowed", "path": ...}` with an `Allow` header.
+"""
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Feed(_Body):
+    """The feed from FT, as Core sees it."""
+
+    connected: bool = Field(description="Is a stream from FT open now?")
+    last_update_age_seconds: float | None = Field(
+        ge=0, description="Seconds since the last quote arrived (`null` before the first)."
+    )
+    reconnects: int = Field(ge=0, description="How often the feed was re-established.")
+
+
+class Health(_Body):
+    """Core answers; how its feed is doing."""
+
+    status: Literal["healthy"]
+    time: datetime = Field(description="Now, in RFC 3339, UTC, whole seconds.")
+    feed: Feed
+
+
+class Alive(_Body):
+    """The process and its event loop answer."""
+
+    status: Literal["alive"]
+
+
+class Ready(_Body):
+    """Send traffic: Core serves prices (`degraded`: the last known ones, FT being down)."""
+
+    status: Literal["ready", "degraded"]
+    feed: Feed
+
+
+class NotReady(_Body):
+    """Send no traffic: Core has no whole snapshot yet (`starting`), or is stopping
+    (`draining`)."""
+
+    status: Literal["starting", "draining"]
+    feed: Feed
+
+
+class Version(_Body):
+    """What build of Core this is."""
+
+    version: str = Field(description="Quotopia's version.")
+    commit: str | None = Field(description="The git commit, `null` when unknown.")
+    python_version: str
+
+
+class Prices(RootModel[dict[str, float]]):
+    """The latest price of every symbol, by canonical symbol (`{}` before the first quote)."""
+
+
+class Quote(_Body):
+    """A symbol's latest quote."""
+
+    symbol: str = Field(description="The canonical symbol, e.g. `BTC`.")
+    price: float
+    time: datetime | None = Field(
+        description="When FT generated the price: RFC 3339, UTC, milliseconds; `null` if FT "
+        "sent none."
+    )
+    change_percent: float = Field(
+        description="Change from the previous price, in percent, to 4 places."
+    )
+    sequence: int = Field(
+        ge=0, le=2**64 - 1, description="Per-symbol sequence number: a gap is a lost update."
+    )
+    age_seconds: float = Field(ge=0, description="Seconds since Core received the quote.")
+
+
+class SymbolNotFound(_Body):
+    """Core has no quote of this symbol."""
+
+    error: Literal["not found"]
+    symbol: str = Field(description="The symbol as requested.")
+
+
+class PathNotFound(_Body):
+    """No such path."""
+
+    error: Literal["not found"]
+    path: str
+
+
+class QuoteNotFound(RootModel[SymbolNotFound | PathNotFound]):
+    """An unknown symbol; or a path that is no symbol (one with a `/` in it)."""
+
+
+class MethodNotAllowed(_Body):
+    """A method other than GET or HEAD: the `Allow` header lists those the path takes."""
+
+    error: Literal["method not allowed"]
+    path: str
+
+
+class AllowHeader(BaseModel):
+    allow: str = Field(description="The methods the path takes, e.g. `GET, HEAD`.")
+
+
+class TooLarge(_Body):
+    """The request announced a body over 16 MiB."""
+
+    error: Literal["request entity too large"]
+    path: str
+
+
+class InternalError(_Body):
+    """A bug: Core's log has the traceback."""
+
+    error: Literal["internal server error"]
+
+
+class TextBody(RootModel[str]):
+    """A body that is text, not JSON, in one of :attr:`media_types`."""
+
+    media_types: ClassVar[tuple[str, ...]] = ("text/plain",)
+
+
+class MetricsText(TextBody):
+    """Prometheus' text format 0.0.4; OpenMetrics 1.0.0 if the Accept header asks for it."""
+
+    media_types = ("text/plain", "application/openmetrics-text")
+
+
+#: More about the routes' path parameters, by name, than their converters say.
+PATH_PARAMETERS: dict[str, dict[str, Any]] = {
+    "symbol": {"description": "A symbol FT streams, in any case (`BTC`, `btc`).", "example": "BTC"},
+}
+
+#: The answers any route can give besides its own.
+_ANY_ROUTE: dict[int, tuple[type[BaseModel], type[BaseModel] | None]] = {
+    405: (MethodNotAllowed, AllowHeader),
+    413: (TooLarge, None),
+    500: (InternalError, None),
+}
+
+
+def documented(
+    tag_name: str, responses: Mapping[int, type[BaseModel]], *, name: str | None = None
+) -> Callable[[F], F]:
+    """Describe a route: its tag, its bodies by status, and the errors of every route.
+
+    ``name`` overrides the operation's id (``get_`` + the function's name).
+    Documentation only: the route's answers are unchanged.
+    """
+
+    def decorate(route: F) -> F:
+        route = tag([tag_name])(route)
+        if name is not None:
+            route = operation_id(name)(route)
+        every = {status: (model, None) for status, model in responses.items()} | _ANY_ROUTE
+        for status, (model, headers) in every.items():
+            route = document_response(model, status, headers)(route)
+        return route
+
+    return decorate
+
+
+class CoreOpenAPI(OpenAPIProvider):
+    """quart-schema's generator, with text bodies, response headers and named bodies.
+
+    quart-schema documents every body as ``application/json``, and puts a response's
+    headers inside its ``content`` map, which makes the document invalid; here a
+    :class:`TextBody` gets its own media types and headers go where OpenAPI puts
+    them, in the response object. And each body is a component, named for its
+    model, rather than a copy per route.
+    """
+
+    def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
+        paths, components = super().build_paths(rule)
+        for operations in paths.values():
+            for operation in operations.values():
+                # A docstring's body, without the blank line after its summary.
+                if description := operation.pop("description", "").strip():
+                    operation["description"] = description
+                if not operation["parameters"]:
+                    del operation["parameters"]
+        return paths, components
+
+    def build_path_parameter(self, name: str, converter: BaseConverter) -> dict[str, Any]:
+        return super().build_path_parameter(name, converter) | PATH_PARAMETERS.get(name, {})
+
+    def build_response_object(
+        self, model: type[Model], headers_model: type[Model] | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        response, definitions = super().build_response_object(model, None)
+        schema = response["content"]["application/json"]["schema"]
+        # A component of its own, as the models it refers to are: listed once, by name.
+        definitions[schema["title"]] = schema
+        body = {"schema": {"$ref": f"#/components/schemas/{schema['title']}"}}
+        if isinstance(model, type) and issubclass(model, TextBody):
+            response["content"] = dict.fromkeys(model.media_types, body)
+        else:
+            response["content"] = {"application/json": body}
+        if isinstance(headers_model, type) and issubclass(headers_model, BaseModel):
+            response["headers"] = _headers(headers_model)
+        return response, definitions
+
+
+def _headers(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI header objects for ``model``'s fields, ``retry_after`` as ``Retry-After``."""
+    schema = model.model_json_schema()
+    headers: dict[str, Any] = {}
+    for field, header_schema in schema["properties"].items():
+        header_schema.pop("title", None)
+        header: dict[str, Any] = {"required": field in schema.get("required", ())}
+        if description := header_schema.pop("description", None):
+            header["description"] = description
+        header["schema"] = header_schema
+        headers["-".join(word.capitalize() for word in field.split("_"))] = header
+    return headers
+
+
+def serve_docs(app: Quart) -> None:
+    """Serve the OpenAPI document at ``GET /openapi.json``, Swagger UI at ``GET /docs``
+    and its assets at ``GET /static/...``.
+
+    Call it once the app's config is set: the routes it adds read
+    ``PROVIDE_AUTOMATIC_OPTIONS``. The app must have been made with
+    ``static_folder=None``, or Quart would have added its static route before that.
+    """
+    app.static_folder = STATIC_FOLDER
+    app.add_url_rule(f"{app.static_url_path}/<path:filename>", "static", app.send_static_file)
+    # Relative to /docs, so that the page also works mounted below a root path.
+    app.config["QUART_SCHEMA_SWAGGER_JS_URL"] = f"{_SWAGGER_UI}/swagger-ui-bundle.js"
+    app.config["QUART_SCHEMA_SWAGGER_CSS_URL"] = f"{_SWAGGER_UI}/swagger-ui.css"
+    QuartSchema(
+        app,
+        openapi_path="/openapi.json",
+        swagger_ui_path="/docs",
+        # Not vendored: they would load their scripts from a CDN.
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+        info=Info(
+            title="Quotopia Core",
+            version=__version__,
+            summary="The latest prices of FT's feed, over HTTP.",
+            # No license: quart-schema 0.25 writes a License's unset members as nulls.
+            description=DESCRIPTION,
+        ),
+        tags=list(TAGS),
+        openapi_provider_class=CoreOpenAPI,
+    )
