@@ -22,15 +22,14 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
+from _compose import environment, load_compose
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -149,20 +148,6 @@ def test_dockerfile_installs_the_lock_then_the_wheel() -> None:
 # --- compose.yaml -----------------------------------------------------------------
 
 
-def _compose() -> dict[str, Any]:
-    loaded = YAML(typ="safe").load(COMPOSE)
-    assert isinstance(loaded, dict)
-    return loaded
-
-
-def _environment(service: Mapping[str, Any]) -> dict[str, str]:
-    """A service's environment, whichever of Compose's two spellings it uses."""
-    env = service.get("environment", {})
-    if isinstance(env, list):
-        return dict(item.partition("=")[::2] for item in env)
-    return {key: str(value) for key, value in env.items()}
-
-
 def test_compose_matches_compose_spec_schema() -> None:
     result = subprocess.run(
         [
@@ -182,7 +167,7 @@ def test_compose_matches_compose_spec_schema() -> None:
 
 
 def test_compose_services() -> None:
-    compose = _compose()
+    compose = load_compose()
     assert "version" not in compose, "the Compose specification has no version key"
     services = compose["services"]
     # What a plain `docker compose up` starts; the `monitoring` profile's services
@@ -202,20 +187,20 @@ def test_compose_services() -> None:
         assert service["ports"] == ports
         assert service["networks"] == ["quotopia-network"]
         assert service["restart"] == "unless-stopped"
-        assert _environment(service)["QUOTOPIA_SERVICE"] == name
+        assert environment(service)["QUOTOPIA_SERVICE"] == name
         healthcheck = service["healthcheck"]
         assert {"test", "interval", "timeout", "retries", "start_period"} <= healthcheck.keys()
         assert healthcheck["test"][:1] == ["CMD"]
         assert "/app/healthcheck.py" in healthcheck["test"]
 
-    assert _environment(services["core"])["FT_ADDR"] == "ft:50051"
+    assert environment(services["core"])["FT_ADDR"] == "ft:50051"
     assert services["core"]["depends_on"] == {"ft": {"condition": "service_healthy"}}
     assert compose["networks"]["quotopia-network"]["name"] == "quotopia-network"
 
 
 def test_compose_runs_the_commands_the_e2e_tests_run() -> None:
     """ENTRYPOINT + command in a container == the argv the tests below start."""
-    services = _compose()["services"]
+    services = load_compose()["services"]
     for name, args in SERVICE_ARGS.items():
         assert services[name]["command"] == args
     assert json.loads(_only(_final_stage(), "ENTRYPOINT")) == ["quotopia"]

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from _compose import environment, load_compose
 from _monitoring import (
     CATALOGUE,
     DASHBOARD,
@@ -254,7 +255,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
 def test_grafana_provisioning() -> None:
     (source,) = load_yaml(DATASOURCES)["datasources"]
     # Prometheus by its compose service name and its container port.
-    services = _compose()["services"]
+    services = load_compose()["services"]
     assert source["url"] == "http://prometheus:9090"
     assert "prometheus" in services
     assert any(port.endswith(":9090") for port in services["prometheus"]["ports"])
@@ -272,19 +273,6 @@ def test_grafana_provisioning() -> None:
 # --- compose.yaml's monitoring profile ---------------------------------------------
 
 
-def _compose() -> dict[str, Any]:
-    loaded = load_yaml(COMPOSE)
-    assert isinstance(loaded, dict)
-    return loaded
-
-
-def _environment(service: Mapping[str, Any]) -> dict[str, str]:
-    env = service.get("environment", {})
-    if isinstance(env, list):
-        return dict(item.partition("=")[::2] for item in env)
-    return {key: str(value) for key, value in env.items()}
-
-
 def _mounts(service: Mapping[str, Any]) -> dict[str, Path]:
     """A service's bind mounts: container path → the repository path mounted there."""
     mounts: dict[str, Path] = {}
@@ -300,7 +288,7 @@ def _mounts(service: Mapping[str, Any]) -> dict[str, Path]:
 
 
 def test_monitoring_services_are_behind_the_profile() -> None:
-    services = _compose()["services"]
+    services = load_compose()["services"]
     for name in MONITORING_SERVICES:
         assert services[name]["profiles"] == ["monitoring"], name
         assert services[name]["networks"] == ["quotopia-network"], name
@@ -309,7 +297,7 @@ def test_monitoring_services_are_behind_the_profile() -> None:
 
 
 def test_images_are_pinned() -> None:
-    for name, service in _compose()["services"].items():
+    for name, service in load_compose()["services"].items():
         if "build" in service:  # built here from the Dockerfile
             continue
         image = service["image"]
@@ -317,7 +305,7 @@ def test_images_are_pinned() -> None:
 
 
 def test_every_mounted_file_exists() -> None:
-    services = _compose()["services"]
+    services = load_compose()["services"]
     mounted = 0
     for name, service in services.items():
         for target, source in _mounts(service).items():
@@ -327,7 +315,7 @@ def test_every_mounted_file_exists() -> None:
 
 
 def test_prometheus_reads_what_compose_mounts() -> None:
-    prometheus = _compose()["services"]["prometheus"]
+    prometheus = load_compose()["services"]["prometheus"]
     mounts = _mounts(prometheus)
     flags = dict(flag.partition("=")[::2] for flag in prometheus["command"])
     assert mounts[flags["--config.file"]] == PROMETHEUS_CONFIG
@@ -337,7 +325,7 @@ def test_prometheus_reads_what_compose_mounts() -> None:
 
 
 def test_scrape_targets_are_the_compose_services_and_their_ports() -> None:
-    services = _compose()["services"]
+    services = load_compose()["services"]
     jobs = {
         job["job_name"]: [
             target for static in job["static_configs"] for target in static["targets"]
@@ -346,15 +334,15 @@ def test_scrape_targets_are_the_compose_services_and_their_ports() -> None:
     }
     assert set(jobs) == set(METRICS_PORT_VARIABLE)
     for job, variable in METRICS_PORT_VARIABLE.items():
-        port = _environment(services[job])[variable]
+        port = environment(services[job])[variable]
         assert jobs[job] == [f"{job}:{port}"], job
         # ...and published, so /metrics is reachable from the host too.
         assert f"{port}:{port}" in services[job]["ports"], job
 
 
 def test_grafana_is_read_only_without_login() -> None:
-    grafana = _compose()["services"]["grafana"]
-    env = _environment(grafana)
+    grafana = load_compose()["services"]["grafana"]
+    env = environment(grafana)
     assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
     assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     assert env["GF_SECURITY_ADMIN_USER"]

@@ -324,7 +324,7 @@ def _lowered(headers: Message[str, str]) -> dict[str, str]:
 def fetch(
     url: str, method: str = "GET", headers: Mapping[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers, body) of one request; errors are answers too."""
+    """(status, headers by lower-case name, body) of one request; errors are answers too."""
     request = urllib.request.Request(url, method=method, headers=dict(headers or {}))
     try:
         with _http.open(request, timeout=DEADLINE) as response:

@@ -26,7 +26,7 @@ from quotopia.errors import StartupError, describe_os_error
 from quotopia.telemetry.metrics import exposition
 from quotopia.telemetry.probes import LIVE, ProbeAnswer
 
-__all__ = ["TelemetryApp", "listening_socket", "serve_endpoint"]
+__all__ = ["TelemetryApp", "listening_socket", "serve_endpoint", "serve_lifespan"]
 
 logger = logging.getLogger("quotopia.telemetry")
 
@@ -45,7 +45,7 @@ class TelemetryApp:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return  # hypercorn refuses a WebSocket handshake the app does not accept
@@ -86,7 +86,8 @@ async def _send(
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
-async def _lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+async def serve_lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """Answer an ASGI lifespan scope for an app with nothing to start or stop."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

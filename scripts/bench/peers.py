@@ -30,6 +30,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
+from quotopia.telemetry.endpoint import serve_lifespan
+
 __all__ = ["main", "raw_app"]
 
 logger = logging.getLogger("bench.peers")
@@ -49,13 +51,8 @@ def raw_app(bodies: dict[str, bytes]) -> ASGIApp:
 
     async def app(scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)  # type: ignore[arg-type]
+            return
         found = bodies.get(scope["path"])
         body = not_found if found is None else found
         await send(
