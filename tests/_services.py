@@ -28,6 +28,7 @@ from _procs import QuotopiaProcess, clean_env
 __all__ = [
     "CORE_READY",
     "DEADLINE",
+    "FT_METRICS",
     "FT_READY",
     "SYMBOLS",
     "Service",
@@ -35,6 +36,7 @@ __all__ = [
     "core_args",
     "feed",
     "ft_args",
+    "ft_metrics_port",
     "http_get",
     "quotes",
     "run_cli",
@@ -50,6 +52,9 @@ DEADLINE = 20.0
 #: FT's start line; group 1 is its port.
 FT_READY = r"FT listening on 127\.0\.0\.1:(\d+) \("
 #: Core's start line; group 1 is its port, group 2 the FT address it reads from.
+#: FT's metrics endpoint line; group 1 is its port.
+FT_METRICS = r"FT metrics on http://127\.0\.0\.1:(\d+)/metrics"
+
 CORE_READY = r"Core listening on http://127\.0\.0\.1:(\d+), feed from FT at (\S+)"
 #: FT's default instruments.
 SYMBOLS = frozenset({"SBER", "BTC", "ETH"})
@@ -120,6 +125,11 @@ def running_core(ft_port: int, *flags: str, env: dict[str, str] | None = None) -
         ready, ready_at = process.wait_for_line_at(CORE_READY, DEADLINE)
         assert ready[2] == f"127.0.0.1:{ft_port}", process.output()
         yield Service(process, int(ready[1]), ready_at)
+
+
+def ft_metrics_port(ft: Service) -> int:
+    """The port of ``ft``'s metrics endpoint (``/metrics``, ``/livez``, ``/readyz``)."""
+    return int(ft.process.wait_for_line(FT_METRICS, DEADLINE)[1])
 
 
 def stop(service: Service) -> float:

@@ -14,10 +14,8 @@ from pathlib import Path
 import pytest
 from _monitoring import CATALOGUE, dashboard_queries, exported_names, substitute_intervals
 from _prometheus import Prometheus, running_prometheus
-from _services import DEADLINE, http_get, running_core, running_ft
+from _services import ft_metrics_port, http_get, running_core, running_ft
 
-#: FT's metrics endpoint announces itself; group 1 is its port.
-FT_METRICS = r"FT metrics on http://127\.0\.0\.1:(\d+)/metrics"
 #: What Grafana's $__rate_interval would be with a 1 s scrape: at least 4 scrapes,
 #: so a rate() window always holds two samples or more.
 RATE_WINDOW = "5s"
@@ -44,7 +42,7 @@ def test_metrics_dashboard_and_an_outage_through_prometheus(tmp_path: Path) -> N
         running_ft("--metrics-port", "0") as ft,
         running_core(ft.port) as core,
     ):
-        metrics_port = int(ft.process.wait_for_line(FT_METRICS, DEADLINE)[1])
+        metrics_port = ft_metrics_port(ft)
         targets = {"ft": f"127.0.0.1:{metrics_port}", "core": f"127.0.0.1:{core.port}"}
         with running_prometheus(tmp_path, targets) as prometheus:
             prometheus.wait_for('up{job="ft"} == 1')

@@ -17,17 +17,10 @@ from typing import Any
 
 import pytest
 from _procs import wait_until
-from _services import DEADLINE, Service, http_get, running_core, running_ft
+from _services import DEADLINE, ft_metrics_port, http_get, running_core, running_ft
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
-
-#: FT's metrics endpoint line; group 1 is its port.
-FT_METRICS = r"FT metrics on http://127\.0\.0\.1:(\d+)/metrics"
-
-
-def ft_metrics_port(ft: Service) -> int:
-    return int(ft.process.wait_for_line(FT_METRICS, DEADLINE)[1])
 
 
 def readyz(port: int) -> tuple[int, str]:

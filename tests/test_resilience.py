@@ -36,6 +36,7 @@ from _services import (
     Service,
     btc,
     feed,
+    ft_metrics_port,
     http_get,
     quotes,
     running_core,
@@ -452,9 +453,7 @@ def test_sigterm_cuts_a_client_that_does_not_read_at_the_drain_deadline(dev: boo
         client.wait_for_line(r"^stream open, not reading$", DEADLINE, stream="stdout")
         client.wait_for_line(r"^health SERVING$", DEADLINE, stream="stdout")
         ft.process.wait_for_line(r"INFO +client connected: \S+ \(.*\); 1 subscribers$", DEADLINE)
-        metrics_port = int(
-            ft.process.wait_for_line(r"FT metrics on http://\S+:(\d+)/", DEADLINE)[1]
-        )
+        metrics_port = ft_metrics_port(ft)
         assert http_get(metrics_port, "/readyz") == (200, {"status": "ready"})
 
         signalled = time.monotonic()

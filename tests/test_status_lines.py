@@ -1,10 +1,11 @@
-"""Core's HTTP/1.1 status lines carry a reason phrase: ``HTTP/1.1 404 Not Found``.
+"""HTTP/1.1 status lines carry a reason phrase: ``HTTP/1.1 404 Not Found``.
 
 hypercorn writes none by itself (``HTTP/1.1 404 ``);
-:func:`quotopia.core.http.reason_phrases` adds them. A property checks the wrapper
-for every status code, on an h11 connection in memory; an end-to-end test reads the
-status lines of a real Core over raw sockets, for responses from each place one can
-come from: Quart's routes, the prepared fast path, and hypercorn's own errors.
+:func:`quotopia.status_lines.reason_phrases` adds them, in Core and in FT's metrics
+endpoint. A property checks the wrapper for every status code, on an h11 connection
+in memory; end-to-end tests read the status lines of a real Core over raw sockets,
+for responses from each place one can come from (Quart's routes, the prepared fast
+path, hypercorn's own errors), and of FT's metrics endpoint.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import cast
 import h11
 import pytest
 import trio
-from _services import DEADLINE, Service, running_core, running_ft
+from _services import DEADLINE, Service, ft_metrics_port, running_core, running_ft
 from hypercorn.events import RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from quotopia.core.http import reason_phrases
+from quotopia.status_lines import reason_phrases
 
 # --- the wrapper, in memory ------------------------------------------------------
 
@@ -74,9 +75,21 @@ def test_a_reason_phrase_already_there_is_kept() -> None:
 
 
 @pytest.fixture(scope="module")
-def core() -> Iterator[Service]:
+def services() -> Iterator[tuple[Service, Service]]:
+    """FT and the Core it feeds."""
     with running_ft() as ft, running_core(ft.port) as core:
-        yield core
+        yield ft, core
+
+
+@pytest.fixture(scope="module")
+def core(services: tuple[Service, Service]) -> Service:
+    return services[1]
+
+
+@pytest.fixture(scope="module")
+def ft_metrics(services: tuple[Service, Service]) -> int:
+    """The port of FT's metrics endpoint: hypercorn on asyncio, not Core's Trio."""
+    return ft_metrics_port(services[0])
 
 
 def request(method: bytes, target: bytes, *headers: bytes) -> bytes:
@@ -123,3 +136,22 @@ def status_line(port: int, request_bytes: bytes) -> bytes:
 )
 def test_core_sends_reason_phrases(core: Service, request_bytes: bytes, expected: bytes) -> None:
     assert status_line(core.port, request_bytes) == expected
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("request_bytes", "expected"),
+    [
+        pytest.param(request(b"GET", b"/metrics"), b"HTTP/1.1 200 OK\r\n", id="200"),
+        pytest.param(request(b"GET", b"/nope"), b"HTTP/1.1 404 Not Found\r\n", id="404"),
+        pytest.param(
+            request(b"POST", b"/livez", b"Content-Length: 0"),
+            b"HTTP/1.1 405 Method Not Allowed\r\n",
+            id="405",
+        ),
+    ],
+)
+def test_ft_metrics_endpoint_sends_reason_phrases(
+    ft_metrics: int, request_bytes: bytes, expected: bytes
+) -> None:
+    assert status_line(ft_metrics, request_bytes) == expected

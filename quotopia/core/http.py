@@ -13,11 +13,8 @@ out within 2 s of SIGTERM):
   hypercorn has no hook for them, so this replaces one private method of its
   HTTP/1.1 protocol; hypercorn is pinned (<0.19) and tests/test_bad_input.py
   checks the result.
-- :func:`reason_phrases` puts the reason phrase in the status line of every
-  HTTP/1.1 response (``HTTP/1.1 404 Not Found``, not ``HTTP/1.1 404 ``): hypercorn
-  builds its h11 responses without one, and some clients and proxies show or log
-  it. It wraps one private method of the same HTTP/1.1 protocol;
-  tests/test_status_lines.py checks the result.
+- :func:`quotopia.status_lines.reason_phrases` (re-exported here) puts the
+  reason phrase in the status line of every HTTP/1.1 response.
 - :func:`track_connections` and :func:`abort_connections` let a shutdown cut the
   connections hypercorn's graceful timeout cannot end (a write to a client that
   stopped reading runs under an unbounded shield). tests/test_resilience.py
@@ -40,9 +37,10 @@ from hypercorn.typing import (
     ASGIReceiveCallable,
     ASGISendCallable,
     ASGISendEvent,
-    H11SendableEvent,
     Scope,
 )
+
+from quotopia.status_lines import reason, reason_phrases
 
 __all__ = [
     "FINISH_TIMEOUT",
@@ -95,16 +93,6 @@ class FinishResponses:
         await self._app(scope, receive, finishing_send if scope["type"] == "http" else send)
 
 
-#: The reason phrase of every status code Python knows (``http.HTTPStatus``).
-_REASONS: dict[int, bytes] = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
-
-
-def _reason(status_code: int) -> bytes:
-    """``status_code``'s reason phrase, or ``b""`` for a code Python does not know
-    (the status line then ends in a space, which HTTP/1.1 allows)."""
-    return _REASONS.get(status_code, b"")
-
-
 async def _send_json_error(self: H11Protocol, status_code: int) -> None:
     """hypercorn's own HTTP/1.1 errors (a malformed request, headers over 16 KiB...)
     as JSON, like the app's, with a reason phrase; replaces
@@ -117,7 +105,7 @@ async def _send_json_error(self: H11Protocol, status_code: int) -> None:
         (b"connection", b"close"),
         *self.config.response_headers("h11"),
     ]
-    response = h11.Response(status_code=status_code, headers=headers, reason=_reason(status_code))
+    response = h11.Response(status_code=status_code, headers=headers, reason=reason(status_code))
     await self._send_h11_event(response)
     await self._send_h11_event(h11.Data(data=body))
     await self._send_h11_event(h11.EndOfMessage())
@@ -126,35 +114,6 @@ async def _send_json_error(self: H11Protocol, status_code: int) -> None:
 def json_protocol_errors() -> None:
     """Make hypercorn's own HTTP/1.1 error responses JSON (idempotent)."""
     H11Protocol._send_error_response = _send_json_error  # type: ignore[method-assign]
-
-
-_hypercorn_send_h11_event = H11Protocol._send_h11_event
-
-
-async def _send_h11_event_with_reason(self: H11Protocol, event: H11SendableEvent) -> None:
-    """hypercorn's ``H11Protocol._send_h11_event``, with every status line's reason
-    phrase filled in; every HTTP/1.1 event hypercorn sends goes through it."""
-    # ``type(...) is``, not isinstance(): this runs for every event of every
-    # response, and hypercorn only ever makes these two exact classes.
-    if (
-        type(event) is h11.Response or type(event) is h11.InformationalResponse
-    ) and not event.reason:
-        # A new event, as h11's events are frozen. Given the headers it already
-        # validated, h11 does not validate them again: this whole wrapper costs
-        # under 2 µs a response, a fraction of a per cent of a request.
-        event = type(event)(
-            status_code=event.status_code,
-            headers=event.headers,
-            http_version=event.http_version,
-            reason=_reason(event.status_code),
-        )
-    await _hypercorn_send_h11_event(self, event)
-
-
-def reason_phrases() -> None:
-    """Give every HTTP/1.1 response hypercorn sends a reason phrase (idempotent):
-    ``HTTP/1.1 404 Not Found``; a status code Python does not know gets none."""
-    H11Protocol._send_h11_event = _send_h11_event_with_reason  # type: ignore[method-assign]
 
 
 #: Every connection hypercorn serves, so a shutdown can cut those it cannot end.

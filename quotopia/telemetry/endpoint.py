@@ -23,6 +23,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from prometheus_client import CollectorRegistry
 
 from quotopia.errors import StartupError, describe_os_error
+from quotopia.status_lines import reason_phrases
 from quotopia.telemetry.metrics import exposition
 from quotopia.telemetry.probes import LIVE, ProbeAnswer
 
@@ -129,5 +130,6 @@ async def serve_endpoint(
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
+    reason_phrases()
     task_status.started(bound)
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
