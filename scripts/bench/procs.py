@@ -319,11 +319,24 @@ def start_ft(tick: float = 1.0, *, extra: Sequence[str] = ()) -> tuple[Service, 
     return ft, port
 
 
+def shipped_scrape_interval() -> float:
+    """The ``scrape_interval`` of the Prometheus configuration Quotopia ships
+    (deploy/monitoring/prometheus/prometheus.yml), in seconds."""
+    config = Path(__file__).resolve().parents[2] / "deploy/monitoring/prometheus/prometheus.yml"
+    found = re.search(r"^\s*scrape_interval:\s*(\d+)s\s*$", config.read_text(), re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"no scrape_interval in seconds in {config}")
+    return float(found[1])
+
+
 @contextlib.contextmanager
-def scraping(port: int | None, interval: float = 1.0) -> Iterator[None]:
+def scraping(port: int | None, interval: float | None = None) -> Iterator[None]:
     """GET ``/metrics`` on ``port`` every ``interval`` seconds while the block runs,
-    as Prometheus would (15 times more often than its default), so that a figure
-    measured inside includes what metrics cost FT. ``None``: no scraping."""
+    as Prometheus does (by default at the interval Quotopia's configuration sets;
+    Prometheus's own default is a minute), so that a figure measured inside
+    includes what metrics cost FT as deployed. ``None``: no scraping."""
+    if interval is None:
+        interval = shipped_scrape_interval()
     if port is None:
         yield
         return
