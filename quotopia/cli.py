@@ -233,6 +233,46 @@ def build_parser() -> argparse.ArgumentParser:
         "balancer stops sending before Core stops accepting",
         SECONDS,
     )
+    _option(
+        core,
+        "--sse-heartbeat",
+        "CORE_SSE_HEARTBEAT",
+        "15",
+        "seconds of quiet after which an event stream (/quotes/stream) gets a heartbeat",
+        SECONDS,
+    )
+    _option(
+        core,
+        "--push-lag-limit",
+        "CORE_PUSH_LAG_LIMIT",
+        "10",
+        "seconds a push client (SSE, WebSocket) may stay behind before it is disconnected",
+        SECONDS,
+    )
+    _option(
+        core,
+        "--ws-ping-interval",
+        "CORE_WS_PING_INTERVAL",
+        "20",
+        "seconds between WebSocket pings",
+        SECONDS,
+    )
+    _option(
+        core,
+        "--ws-ping-timeout",
+        "CORE_WS_PING_TIMEOUT",
+        "20",
+        "seconds a WebSocket client may leave a ping unanswered before it is dropped",
+        SECONDS,
+    )
+    _option(
+        core,
+        "--ws-max-subscriptions",
+        "CORE_WS_MAX_SUBSCRIPTIONS",
+        "100",
+        "symbols one WebSocket may subscribe to; more closes it with code 1008",
+        COUNT,
+    )
     core.add_argument(
         "--access-log",
         action=argparse.BooleanOptionalAction,
@@ -292,6 +332,7 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
     if args.command == "core":
         from quotopia.core import CoreConfig
         from quotopia.core import serve as serve_core
+        from quotopia.core.config import PushLimits
 
         core_config = CoreConfig(
             host=args.host,
@@ -303,6 +344,13 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             shutdown_delay=args.shutdown_delay,
             access_log=(
                 _env_flag("CORE_ACCESS_LOG") if args.access_log is None else args.access_log
+            ),
+            push=PushLimits(
+                heartbeat=args.sse_heartbeat,
+                lag_limit=args.push_lag_limit,
+                ws_ping_interval=args.ws_ping_interval,
+                ws_ping_timeout=args.ws_ping_timeout,
+                ws_max_subscriptions=args.ws_max_subscriptions,
             ),
         )
         if core_config.workers > 1:

@@ -437,6 +437,69 @@ def test_a_request_hypercorn_rejects_is_a_json_error(
     assert_json_error(exchange(services.core.port, request_bytes), statuses=statuses)
 
 
+def websocket_handshake(target: bytes, *, drop: bytes = b"", extra: bytes = b"") -> bytes:
+    """A WebSocket opening handshake for ``target``, less the header named ``drop``."""
+    headers = [
+        b"Host: 127.0.0.1",
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        b"Sec-WebSocket-Version: 13",
+    ]
+    kept = [h for h in headers if not drop or not h.lower().startswith(drop.lower() + b":")]
+    lines = [b"GET " + target + b" HTTP/1.1", *kept, *([extra] if extra else [])]
+    return b"\r\n".join([*lines, b"", b""])
+
+
+@pytest.mark.parametrize(
+    "target", [b"/nope", b"/quotes", b"/health", b"/quotes/BTC", b"/quotes/stream", b"/docs"]
+)
+def test_a_websocket_handshake_elsewhere_is_a_json_4xx(services: Services, target: bytes) -> None:
+    """Only /ws takes WebSockets: elsewhere a handshake gets the JSON error any
+    request would (this once logged a traceback and answered 500)."""
+    body = assert_json_error(exchange(services.core.port, websocket_handshake(target)))
+    assert body["path"] == target.decode()
+    assert body["detail"] == "WebSocket connections go to /ws"
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(websocket_handshake(b"/ws", drop=b"Sec-WebSocket-Key"), id="no-key"),
+        pytest.param(websocket_handshake(b"/ws", drop=b"Sec-WebSocket-Version"), id="no-version"),
+        pytest.param(
+            websocket_handshake(
+                b"/ws", drop=b"Sec-WebSocket-Version", extra=b"Sec-WebSocket-Version: 8"
+            ),
+            id="old-version",
+        ),
+        pytest.param(http_request(b"GET", b"/ws"), id="plain-get"),
+        pytest.param(http_request(b"POST", b"/ws", [b"Content-Length: 0"]), id="post"),
+    ],
+)
+def test_a_bad_websocket_handshake_is_a_json_4xx(services: Services, request_bytes: bytes) -> None:
+    assert_json_error(exchange(services.core.port, request_bytes))
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param(b"symbols=DOGE", id="unknown"),
+        pytest.param(b"symbols=BTC,DOGE", id="one-unknown"),
+        pytest.param(b"symbols=" + b"A" * 10 * KIB, id="10KB-symbol"),
+        pytest.param(b"symbols=%00", id="nul"),
+        pytest.param(b"symbols=%ff%fe", id="invalid-utf8"),
+        pytest.param(b"symbols=,,,", id="only-commas"),
+        pytest.param(b"symbols=%E2%80%AEBTC", id="rtl-override"),
+    ],
+)
+def test_a_bad_stream_filter_is_a_json_4xx_before_any_event(
+    services: Services, query: bytes
+) -> None:
+    reply = exchange(services.core.port, http_request(b"GET", b"/quotes/stream?" + query))
+    assert_json_error(reply, statuses={400})
+
+
 def test_connection_close_is_honoured(services: Services) -> None:
     with socket.create_connection(("127.0.0.1", services.core.port), timeout=DEADLINE) as sock:
         sock.sendall(http_request(b"GET", b"/health"))

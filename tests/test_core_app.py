@@ -239,7 +239,16 @@ async def test_a_symbol_before_any_quote_is_404(client: Client) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/", "/quote", "/quotes/", "/quotes/BTC/", "/quotes/BTC/price", "/health/", "/HEALTH"]
+    "path",
+    [
+        "/index.html",
+        "/quote",
+        "/quotes/",
+        "/quotes/BTC/",
+        "/quotes/BTC/price",
+        "/health/",
+        "/HEALTH",
+    ],
 )
 async def test_other_paths_are_404_json(client: Client, store: QuoteStore, path: str) -> None:
     fill(store)

@@ -38,7 +38,9 @@ from quart_trio import QuartTrio
 
 from quotopia import __version__
 from quotopia.core.app import create_app
+from quotopia.core.config import PushLimits
 from quotopia.core.openapi import STATIC_FOLDER
+from quotopia.core.push.hub import PushHub
 from quotopia.core.store import QuoteStore
 from quotopia.telemetry.probes import Lifecycle
 
@@ -49,6 +51,8 @@ DOCS_ENDPOINTS = frozenset({"openapi", "swagger_ui", "static"})
 
 #: A request path for each documented path template.
 PATHS = {
+    "/": "/",
+    "/system": "/system",
     "/health": "/health",
     "/livez": "/livez",
     "/readyz": "/readyz",
@@ -56,6 +60,10 @@ PATHS = {
     "/metrics": "/metrics",
     "/quotes": "/quotes",
     "/quotes/{symbol}": "/quotes/BTC",
+    "/quotes/{symbol}/recent": "/quotes/BTC/recent",
+    # A stream never ends: requests here are those answered at once.
+    "/quotes/stream": "/quotes/stream?symbols=DOGE",
+    "/ws": "/ws",
 }
 
 TOO_LARGE = {"Content-Length": str(16 * 1024 * 1024 + 1)}
@@ -111,6 +119,18 @@ CASES = [
     Case("empty", "GET", "/quotes/BTC", "/quotes/{symbol}", 404),
     # The symbol "a/b": no symbol at all, the generic 404.
     Case("fed", "GET", "/quotes/a%2Fb", "/quotes/{symbol}", 404),
+    Case("fed", "GET", "/", "/", 200),
+    Case("fed", "GET", "/system", "/system", 200),
+    Case("feed down", "GET", "/system", "/system", 200),
+    Case("empty", "GET", "/system", "/system", 200),
+    Case("fed", "GET", "/quotes/btc/recent", "/quotes/{symbol}/recent", 200),
+    Case("fed", "GET", "/quotes/DOGE/recent", "/quotes/{symbol}/recent", 404),
+    # A stream that ends at once: Core is shutting down.
+    Case("closing", "GET", "/quotes/stream", "/quotes/stream", 200),
+    Case("fed", "GET", "/quotes/stream?symbols=BTC,doge", "/quotes/stream", 400),
+    Case("fed", "GET", "/quotes/stream?symbols=,", "/quotes/stream", 400),
+    Case("empty", "GET", "/quotes/stream?symbols=BTC", "/quotes/stream", 503),
+    Case("fed", "GET", "/ws", "/ws", 426),
     # What every route can answer. (OpenAPI lists a 405 under the GET operation of
     # the path, the one operation it has.)
     *(Case("fed", "POST", path, template, 405) for template, path in PATHS.items()),
@@ -124,6 +144,7 @@ def core_in(state: str) -> QuartTrio:
 
     ``empty``: no feed yet. ``fed``: a snapshot of three quotes. ``feed down``: fed,
     then the feed was lost. ``starting``, ``draining``: the lifecycle's phases.
+    ``closing``: fed, and the push hub closed (as on shutdown: event streams end).
     ``broken``: every request fails on a bug.
     """
     store = QuoteStore()
@@ -141,7 +162,10 @@ def core_in(state: str) -> QuartTrio:
         store.apply("BTC", 95433.0, datetime.now(UTC), 0.001, 8)
     if state == "feed down":
         store.feed_down()
-    app = create_app(store, lifecycle=lifecycle)
+    hub = PushHub(store, PushLimits())
+    if state == "closing":
+        hub.close()
+    app = create_app(store, lifecycle=lifecycle, hub=hub, ft_addr="127.0.0.1:50051")
     if state == "broken":
 
         @app.before_request
@@ -434,6 +458,9 @@ def test_schemathesis_finds_nothing(core: Service, tmp_path: Path) -> None:
             "30",
             "--seed",
             "20260101",
+            # A stream answers forever: the other operations only.
+            "--exclude-path",
+            "/quotes/stream",
             "--request-timeout",
             "10",
             "--workers",
@@ -447,5 +474,5 @@ def test_schemathesis_finds_nothing(core: Service, tmp_path: Path) -> None:
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert re.search(r"Tested: 7\b", output), output
+    assert re.search(r"Tested: 11\b", output), output
     assert re.search(r"\d+ generated, \d+ passed", output), output

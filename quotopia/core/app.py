@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime
 
 from hypercorn.typing import (
@@ -23,32 +24,47 @@ from hypercorn.typing import (
     HTTPScope,
     Scope,
 )
-from quart import Response, request
+from quart import Response, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from quotopia.core.config import PushLimits
 from quotopia.core.metrics import CoreMetrics
 from quotopia.core.openapi import (
+    STATIC_FOLDER,
     Alive,
     Health,
     MetricsText,
     NotReady,
+    Page,
     Prices,
     Quote,
     QuoteNotFound,
     Ready,
+    RecentQuotes,
+    SymbolNotFound,
+    SystemMap,
+    UpgradeRequired,
     Version,
+    document_stream,
     documented,
     serve_docs,
 )
 from quotopia.core.probes import readiness
+from quotopia.core.push.hub import PushHub
+from quotopia.core.push.sse import SseStream
+from quotopia.core.push.ws import serve_websocket
 from quotopia.core.store import QuoteStore
+from quotopia.core.system import SystemView
 from quotopia.telemetry.metrics import build_info, exposition
 from quotopia.telemetry.probes import LIVE, Lifecycle, ProbeAnswer
 
 __all__ = ["PreparedQuotes", "create_app"]
 
 logger = logging.getLogger("quotopia.core")
+
+#: The dashboard's page; its script and styles are static files beside it.
+DASHBOARD_PAGE = STATIC_FOLDER / "dashboard" / "index.html"
 
 
 def _json(body: object, status: int = 200) -> Response:
@@ -64,21 +80,34 @@ def _probe(answer: ProbeAnswer) -> Response:
 
 
 def create_app(
-    store: QuoteStore, metrics: CoreMetrics | None = None, lifecycle: Lifecycle | None = None
+    store: QuoteStore,
+    metrics: CoreMetrics | None = None,
+    lifecycle: Lifecycle | None = None,
+    hub: PushHub | None = None,
+    *,
+    ft_addr: str = "?",
 ) -> QuartTrio:
     """Build the app. It only reads ``store``; the feed consumer writes it.
 
     ``lifecycle`` is Core's phase (starting, serving, draining), for ``/readyz``;
-    without one, the app counts as serving. ``metrics`` is what ``/metrics``
-    shows; without it, a registry of the app's own.
+    without one, the app counts as serving. ``hub`` serves the push routes (SSE
+    and WebSocket); without one, a hub of the app's own with the default limits,
+    whose watcher (heartbeats, slow clients) is not running. ``metrics`` is what
+    ``/metrics`` shows; without it, a registry of the app's own. ``ft_addr`` is
+    where FT is, for the system map.
     """
     if lifecycle is None:
         lifecycle = Lifecycle()
         lifecycle.serving()
     serving = lifecycle
+    if hub is None:
+        hub = PushHub(store, PushLimits())
+    push = hub
     if metrics is None:
-        metrics = CoreMetrics(store, ready=lambda: readiness(serving, store).ok)
+        metrics = CoreMetrics(store, ready=lambda: readiness(serving, store).ok, hub=push)
     registry = metrics.registry
+    measured = metrics
+    system = SystemView(store, push, ft_addr)
     info = build_info("core")
     version = {
         "version": info["version"],
@@ -92,6 +121,7 @@ def create_app(
     # No "//" → "/" redirect: routing redirects skip the error handlers (an HTML 308).
     app.url_map.merge_slashes = False
     serve_docs(app)
+    dashboard = DASHBOARD_PAGE.read_bytes()
 
     @app.before_request
     async def refuse_a_body_too_large() -> None:
@@ -99,6 +129,18 @@ def create_app(
         limit = app.config["MAX_CONTENT_LENGTH"]
         if limit is not None and (request.content_length or 0) > limit:
             raise RequestEntityTooLarge()
+
+    @app.get("/")
+    @documented("dashboard", {200: Page}, name="dashboard")
+    async def dashboard_page() -> Response:
+        """The live dashboard: prices, charts and the system map, pushed as they change."""
+        return Response(dashboard, content_type="text/html; charset=utf-8")
+
+    @app.get("/system")
+    @documented("dashboard", {200: SystemMap}, name="system_map")
+    async def system_map() -> Response:
+        """Quotopia's services and the links between them, with their state now."""
+        return _json(system.snapshot(time.monotonic(), measured.answered))
 
     @app.get("/health")
     @documented("health", {200: Health})
@@ -150,6 +192,81 @@ def create_app(
         """The latest price of every symbol."""
         return Response(store.quotes_json(), content_type="application/json")
 
+    @app.get("/quotes/stream")
+    @document_stream
+    async def quote_stream() -> Response:
+        """Server-Sent Events: a snapshot, then every quote as Core receives it.
+
+        Events: `snapshot` (the latest quote of each symbol), `quote` (one per
+        update), `feed` (the feed's state, at the start and on every change),
+        `reset` (a `Last-Event-ID` that could not be resumed), and a comment
+        heartbeat every 15 s. Send back the last event's id as `Last-Event-ID`
+        (browsers do) to resume without loss or duplicates while Core holds the
+        events (the last 600 per symbol). The protocol is in docs/push.md.
+        """
+        selected = _selected_symbols(store, request.args.getlist("symbols"))
+        if isinstance(selected, Response):
+            return selected
+        # The header (a browser's reconnect) wins: it is newer than the URL.
+        last_event_id = request.headers.get("Last-Event-ID", request.args.get("last_event_id"))
+        body = SseStream(push, selected, last_event_id, request.scope.get("client"))
+        response = Response(body, content_type="text/event-stream")
+        response.headers["Cache-Control"] = "no-cache"
+        # nginx buffers responses unless told not to; a stream must not wait.
+        response.headers["X-Accel-Buffering"] = "no"
+        response.timeout = None  # Quart's default ends a response after 60 s
+        return response
+
+    @app.get("/ws")
+    @documented("push", {426: UpgradeRequired}, name="websocket")
+    async def websocket_without_upgrade() -> Response:
+        """A WebSocket: subscribe to symbols and receive their quotes as JSON.
+
+        Connect with a WebSocket client (`new WebSocket("ws://HOST:8080/ws")`,
+        `websocat`, `python -m websockets`), then send
+        `{"op": "subscribe", "symbols": ["BTC"]}`. The protocol (operations,
+        messages, errors and close codes) is in docs/push.md. A plain HTTP request
+        gets 426.
+        """
+        response = _json(
+            {
+                "error": "upgrade required",
+                "detail": "/ws is a WebSocket: connect with a WebSocket client",
+            },
+            426,
+        )
+        response.headers["Upgrade"] = "websocket"
+        response.headers["Connection"] = "Upgrade"
+        return response
+
+    @app.websocket("/ws")
+    async def quote_socket() -> None:
+        await serve_websocket(
+            push,
+            websocket.scope.get("client"),
+            websocket.accept,
+            websocket.receive,
+            websocket.send,
+            websocket.close,
+        )
+
+    @app.get("/quotes/<symbol>/recent")
+    @documented("quotes", {200: RecentQuotes, 404: SymbolNotFound})
+    async def recent_quotes(symbol: str) -> Response:
+        """The quotes of one symbol Core still holds (the last 600), oldest first.
+
+        What the dashboard's charts start from; resume the event stream after
+        `last_event_id` to continue without a gap.
+        """
+        found = store.get(symbol)
+        if found is None:
+            return _json({"error": "not found", "symbol": symbol}, 404)
+        recent = store.recent
+        held = ", ".join(event.json for event in recent.of(found.symbol))
+        head = json.dumps({"symbol": found.symbol, "last_event_id": recent.full_id(recent.last_id)})
+        body = head[:-1] + ', "quotes": [' + held + "]}"
+        return Response(body, content_type="application/json")
+
     @app.get("/quotes/<symbol>")
     @documented("quotes", {200: Quote, 404: QuoteNotFound})
     async def quote(symbol: str) -> Response:
@@ -166,7 +283,10 @@ def create_app(
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         code = error.code or 500
-        body: dict[str, object] = {"error": (error.name or "error").lower(), "path": request.path}
+        body: dict[str, object] = {"error": (error.name or "error").lower(), "path": _path()}
+        if has_websocket_context():
+            # A WebSocket handshake to a path that is no WebSocket route.
+            body["detail"] = "WebSocket connections go to /ws"
         response = _json(body, code)
         if code == 405 and error.valid_methods:  # type: ignore[attr-defined]
             response.headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
@@ -174,10 +294,45 @@ def create_app(
 
     @app.errorhandler(Exception)
     async def internal_error(error: Exception) -> Response:
-        logger.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
+        method = "WEBSOCKET" if has_websocket_context() else request.method
+        logger.error("unhandled error on %s %s", method, _path(), exc_info=error)
         return _json({"error": "internal server error"}, 500)
 
     return app
+
+
+def _path() -> str:
+    """The path of the request being answered: an HTTP request, or a WebSocket
+    handshake (a handshake to a path that is no WebSocket route gets the same JSON
+    errors as any request)."""
+    return websocket.path if has_websocket_context() else request.path
+
+
+def _selected_symbols(store: QuoteStore, values: list[str]) -> list[str] | Response | None:
+    """The symbols a ``?symbols=BTC,eth`` parameter selects, canonically spelled
+    (None: every symbol), or the error response."""
+    if not values:
+        return None
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    if not names:
+        return _json({"error": "no symbols", "detail": "symbols= names no symbol"}, 400)
+    if not store.has_snapshot:
+        response = _json(
+            {"error": "no quotes yet", "detail": "Core has no quotes from FT yet; retry soon"}, 503
+        )
+        response.headers["Retry-After"] = "1"
+        return response
+    selected: list[str] = []
+    unknown: list[str] = []
+    for name in names:
+        found = store.get(name)
+        if found is None:
+            unknown.append(name)
+        elif found.symbol not in selected:
+            selected.append(found.symbol)
+    if unknown:
+        return _json({"error": "unknown symbol", "symbols": unknown}, 400)
+    return selected
 
 
 class PreparedQuotes:
@@ -228,6 +383,8 @@ class PreparedQuotes:
         path = scope["path"]
         if path == "/quotes":
             body: bytes | None = self._store.quotes_json()
+        elif path == "/quotes/stream":
+            return None  # a route of its own, even if FT ever streams a symbol "STREAM"
         elif path.startswith("/quotes/"):
             symbol = path[len("/quotes/") :]
             # The route's <symbol> is one non-empty path segment. None for an unknown

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["CoreConfig", "parse_address"]
+__all__ = ["CoreConfig", "PushLimits", "parse_address"]
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -15,6 +15,37 @@ def parse_address(addr: str) -> tuple[str, int]:
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
         raise ValueError(f"bad address {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:50051")
     return host, int(port_text)
+
+
+@dataclass(frozen=True, slots=True)
+class PushLimits:
+    """The push protocols' timings and bounds. Invalid values raise ValueError."""
+
+    #: Seconds between SSE heartbeats (a comment line) on an idle stream.
+    heartbeat: float = 15.0
+    #: Seconds a connection's oldest pending event may wait before it is closed.
+    lag_limit: float = 10.0
+    #: Seconds between WebSocket pings (protocol-level, answered by every client).
+    ws_ping_interval: float = 20.0
+    #: Seconds without a pong (or anything) from a WebSocket client before it is
+    #: counted as dead and dropped.
+    ws_ping_timeout: float = 20.0
+    #: Symbols one WebSocket may subscribe to; one more closes it with 1008.
+    ws_max_subscriptions: int = 100
+    #: Bytes in one WebSocket message from a client; more closes it with 1009.
+    ws_max_message: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat", "lag_limit", "ws_ping_interval", "ws_ping_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name.replace('_', ' ')} must be positive seconds, got {value}")
+        if self.ws_max_subscriptions < 1:
+            raise ValueError(
+                f"ws max subscriptions must be at least 1, got {self.ws_max_subscriptions}"
+            )
+        if self.ws_max_message < 64:
+            raise ValueError(f"ws max message must be at least 64 bytes, got {self.ws_max_message}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +74,8 @@ class CoreConfig:
     shutdown_delay: float = 0.0
     #: Log one line per HTTP request (hypercorn's access log).
     access_log: bool = False
+    #: The push protocols' timings and bounds (SSE and WebSocket).
+    push: PushLimits = field(default_factory=PushLimits)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

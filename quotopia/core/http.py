@@ -9,28 +9,38 @@ out within 2 s of SIGTERM):
   logged as an ERROR.
 - :func:`json_protocol_errors` makes hypercorn's own answers to requests that are
   not valid HTTP/1.1 (a malformed request line, headers over its 16 KiB limit,
-  ...) JSON, like every other error. The app never sees those requests, and
-  hypercorn has no hook for them, so this replaces one private method of its
-  HTTP/1.1 protocol; hypercorn is pinned (<0.19) and tests/test_bad_input.py
-  checks the result.
+  ...) or not valid WebSocket handshakes JSON, like every other error. The app
+  never sees those requests, and hypercorn has no hook for them, so this replaces
+  one private method of its HTTP/1.1 protocol and one of its WebSocket stream;
+  hypercorn is pinned (<0.19) and tests/test_bad_input.py checks the result.
 - :func:`quotopia.status_lines.reason_phrases` (re-exported here) puts the
   reason phrase in the status line of every HTTP/1.1 response.
 - :func:`track_connections` and :func:`abort_connections` let a shutdown cut the
   connections hypercorn's graceful timeout cannot end (a write to a client that
   stopped reading runs under an unbounded shield). tests/test_resilience.py
-  checks it.
+  checks it. :func:`cut_connection` does the same to one connection, for the push
+  hub to drop a client that stopped reading (tests/test_push_e2e.py).
+- :func:`ws_keepalive` makes hypercorn's WebSocket pings detect dead peers:
+  hypercorn sends a ping every ``websocket_ping_interval`` seconds but never looks
+  for the pong, so a peer that vanished (no FIN, no RST) would hold its
+  connection until TCP gives up, minutes or hours later. It replaces one private
+  method of hypercorn's WebSocket stream and wraps another.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import weakref
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import h11
 import trio
+from hypercorn.protocol.events import Body, Data, EndBody, Response, StreamClosed
+from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.typing import (
     ASGIFramework,
@@ -39,6 +49,7 @@ from hypercorn.typing import (
     ASGISendEvent,
     Scope,
 )
+from wsproto.events import Ping
 
 from quotopia.status_lines import reason, reason_phrases
 
@@ -46,9 +57,11 @@ __all__ = [
     "FINISH_TIMEOUT",
     "FinishResponses",
     "abort_connections",
+    "cut_connection",
     "json_protocol_errors",
     "reason_phrases",
     "track_connections",
+    "ws_keepalive",
 ]
 
 #: Longest time the end of a response is protected from cancellation, in seconds.
@@ -111,19 +124,53 @@ async def _send_json_error(self: H11Protocol, status_code: int) -> None:
     await self._send_h11_event(h11.EndOfMessage())
 
 
+async def _send_json_handshake_error(self: WSStream, status_code: int) -> None:
+    """hypercorn's own answer to a WebSocket handshake it refuses (no
+    ``Sec-WebSocket-Key``, an unknown version...) as JSON; replaces
+    ``WSStream._send_error_response``, which sends no body."""
+    body = json.dumps(
+        {
+            "error": HTTPStatus(status_code).phrase.lower(),
+            "detail": "not a valid WebSocket handshake",
+        }
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"connection", b"close"),
+    ]
+    await self.send(Response(stream_id=self.stream_id, status_code=status_code, headers=headers))
+    await self.send(Body(stream_id=self.stream_id, data=body))
+    await self.send(EndBody(stream_id=self.stream_id))
+    await self.config.log.access(
+        self.scope, {"status": status_code, "headers": []}, time.time() - self.start_time
+    )
+
+
 def json_protocol_errors() -> None:
-    """Make hypercorn's own HTTP/1.1 error responses JSON (idempotent)."""
+    """Make hypercorn's own HTTP/1.1 error responses JSON, and its refusals of bad
+    WebSocket handshakes (idempotent)."""
     H11Protocol._send_error_response = _send_json_error  # type: ignore[method-assign]
+    WSStream._send_error_response = _send_json_handshake_error  # type: ignore[method-assign]
 
 
 #: Every connection hypercorn serves, so a shutdown can cut those it cannot end.
 _connections: weakref.WeakSet[TCPServer] = weakref.WeakSet()
+#: The same, by the peer's address: ASGI's ``scope["client"]``, ``(host, port)``.
+_by_peer: weakref.WeakValueDictionary[tuple[str, int], TCPServer] = weakref.WeakValueDictionary()
 _hypercorn_tcp_server_init = TCPServer.__init__
 
 
 def _tracked_init(self: TCPServer, *args: Any, **kwargs: Any) -> None:
     _hypercorn_tcp_server_init(self, *args, **kwargs)
     _connections.add(self)
+    sock = getattr(self.stream, "socket", None)
+    try:
+        peer = sock.getpeername() if sock is not None else None
+    except OSError:  # already gone
+        peer = None
+    if isinstance(peer, tuple):
+        _by_peer[cast(str, peer[0]), cast(int, peer[1])] = self
 
 
 def track_connections() -> None:
@@ -140,10 +187,73 @@ def abort_connections() -> int:
     stuck write raises ``trio.ClosedResourceError``, which hypercorn handles as a
     closed connection.
     """
-    aborted = 0
-    for connection in list(_connections):
-        sock = getattr(connection.stream, "socket", None)
-        if sock is not None and sock.fileno() != -1:
-            sock.close()
-            aborted += 1
-    return aborted
+    return sum(_close_socket(connection) for connection in list(_connections))
+
+
+def cut_connection(client: tuple[str, int]) -> bool:
+    """Close the socket of the connection from ``client`` (an ASGI scope's
+    ``client``); False if there is none open. A write stuck on it raises
+    ``trio.ClosedResourceError``, which hypercorn handles as a closed connection,
+    and the app sees the client leave."""
+    connection = _by_peer.get((client[0], client[1]))
+    return connection is not None and _close_socket(connection)
+
+
+def _close_socket(connection: TCPServer) -> bool:
+    sock = getattr(connection.stream, "socket", None)
+    if sock is None or sock.fileno() == -1:
+        return False
+    sock.close()
+    return True
+
+
+# --- WebSocket keepalive ------------------------------------------------------------
+
+#: Seconds a peer may stay silent after a ping before it counts as dead.
+_ping_timeout = 20.0
+_hypercorn_ws_handle = WSStream.handle
+
+
+async def _handle_noting_data(self: WSStream, event: StreamEvent) -> None:
+    """hypercorn's ``WSStream.handle``, noting when the peer last sent anything
+    (a pong, a message, a close): all of it arrives as ``Data``."""
+    if isinstance(event, Data):
+        self._quotopia_heard = trio.current_time()  # type: ignore[attr-defined]
+    await _hypercorn_ws_handle(self, event)
+
+
+async def _ping_and_watch(self: WSStream) -> None:
+    """Replaces ``WSStream._send_pings``: ping every ``websocket_ping_interval``
+    seconds, and drop the connection when nothing came back within the timeout.
+
+    Two tasks, since a ping's write can itself be stuck behind a full socket: the
+    watcher must not wait for it. A dead peer gets no close frame (it would not
+    read one): the connection is closed, and the app sees the client leave with
+    code 1006.
+    """
+    interval = self.config.websocket_ping_interval or 0.0
+    self._quotopia_heard = trio.current_time()  # type: ignore[attr-defined]
+
+    async def ping() -> None:
+        while not self.closed:
+            await self._send_wsproto_event(Ping())
+            await trio.sleep(interval)
+
+    self.task_group.spawn(ping)
+    while not self.closed:
+        await trio.sleep(interval)
+        pinged = trio.current_time()
+        await trio.sleep(_ping_timeout)
+        if not self.closed and self._quotopia_heard < pinged:  # type: ignore[attr-defined]
+            await self.send(StreamClosed(stream_id=self.stream_id))
+            return
+
+
+def ws_keepalive(timeout: float) -> None:
+    """Make hypercorn drop a WebSocket whose peer sent nothing (no pong) within
+    ``timeout`` seconds of a ping. Pings go every ``websocket_ping_interval``
+    seconds, which must be set in hypercorn's config. Idempotent."""
+    global _ping_timeout
+    _ping_timeout = timeout
+    WSStream.handle = _handle_noting_data  # type: ignore[method-assign]
+    WSStream._send_pings = _ping_and_watch  # type: ignore[method-assign]

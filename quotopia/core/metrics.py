@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import Map
 
+from quotopia.core.push.hub import CloseReason, Kind, PushHub
 from quotopia.core.store import QuoteStore
 from quotopia.telemetry.metrics import new_registry
 
@@ -49,12 +50,21 @@ CLIENT_GONE = 499
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-class CoreMetrics(Collector):
-    """Core's registry: request metrics, and a collector over the store."""
+#: Routes whose responses last as long as the client stays: counted, but not
+#: timed (hours-long "requests" would swamp the latency histogram and its alert).
+STREAMING_ROUTES = frozenset({"/quotes/stream", "/ws"})
 
-    def __init__(self, store: QuoteStore, ready: Callable[[], bool]) -> None:
+
+class CoreMetrics(Collector):
+    """Core's registry: request metrics, and a collector over the store and the
+    push hub (if any)."""
+
+    def __init__(
+        self, store: QuoteStore, ready: Callable[[], bool], hub: PushHub | None = None
+    ) -> None:
         self._store = store
         self._ready = ready
+        self._hub = hub
         self.registry: CollectorRegistry = new_registry("core")
         self.requests = Counter(
             "quotopia_core_http_requests",
@@ -70,9 +80,12 @@ class CoreMetrics(Collector):
             registry=self.registry,
         )
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        #: Requests answered so far, all routes (for the dashboard's request rate).
+        self.answered = 0
         self.registry.register(self)
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def observe_request(self, route: str, method: str, status: int, seconds: float | None) -> None:
+        """Count a request; time it too, unless ``seconds`` is None."""
         if method not in METHODS:
             method = "other"  # before it is a key: a client may send any word
         key = (route, method, status)
@@ -86,7 +99,9 @@ class CoreMetrics(Collector):
             )
         counter, histogram = children
         counter.inc()
-        histogram.observe(seconds)
+        self.answered += 1
+        if seconds is not None:
+            histogram.observe(seconds)
 
     def collect(self) -> Iterable[Metric]:
         store = self._store
@@ -123,6 +138,41 @@ class CoreMetrics(Collector):
         yield GaugeMetricFamily(
             "quotopia_core_ready", "1 when /readyz answers 200.", value=int(self._ready())
         )
+        if self._hub is not None:
+            yield from _push_families(self._hub)
+
+
+def _push_families(hub: PushHub) -> Iterable[Metric]:
+    connections = GaugeMetricFamily(
+        "quotopia_core_push_connections",
+        "Push connections open now, by kind (sse, ws).",
+        labels=["kind"],
+    )
+    sent = CounterMetricFamily(
+        "quotopia_core_push_events_sent", "Quote events written to push clients.", labels=["kind"]
+    )
+    conflated = CounterMetricFamily(
+        "quotopia_core_push_conflated",
+        "Quote events skipped for push clients that fell behind (only the newest per "
+        "symbol was sent).",
+        labels=["kind"],
+    )
+    for kind in Kind:
+        connections.add_metric([kind.value], hub.connections(kind))
+        sent.add_metric([kind.value], hub.events_sent[kind])
+        conflated.add_metric([kind.value], hub.conflated[kind])
+    closed = CounterMetricFamily(
+        "quotopia_core_push_closed",
+        "Push connections ended, by kind and reason (client, slow, shutdown, limit, error).",
+        labels=["kind", "reason"],
+    )
+    for kind in Kind:
+        for reason in CloseReason:
+            closed.add_metric([kind.value, reason.value], hub.closed[kind, reason])
+    yield connections
+    yield sent
+    yield conflated
+    yield closed
 
 
 class RouteTemplates:
@@ -136,7 +186,7 @@ class RouteTemplates:
         self._adapter = url_map.bind("localhost")
 
     def __call__(self, path: str, method: str) -> str:
-        if path == "/quotes":
+        if path == "/quotes" or path == "/quotes/stream":
             return path
         if path.startswith("/quotes/") and "/" not in path[8:] and len(path) > 8:
             return "/quotes/{symbol}"
@@ -164,7 +214,9 @@ class MeasureRequests:
 
     A request is observed when the app returns: its status is the one the app
     sent, or :data:`CLIENT_GONE` if it sent none (the client left, and hypercorn
-    cancelled the request).
+    cancelled the request). A WebSocket handshake is a request too (a ``GET``):
+    101 if accepted, else the status of the answer; like the event stream, it is
+    counted but not timed (:data:`STREAMING_ROUTES`).
     """
 
     def __init__(self, app: ASGIFramework, metrics: CoreMetrics, routes: RouteTemplates) -> None:
@@ -175,7 +227,7 @@ class MeasureRequests:
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self._app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -183,17 +235,23 @@ class MeasureRequests:
 
         async def send_and_note_status(message: ASGISendEvent) -> None:
             nonlocal status
-            if message["type"] == "http.response.start":
+            if (
+                message["type"] == "http.response.start"
+                or message["type"] == "websocket.http.response.start"
+            ):
                 status = message["status"]
+            elif message["type"] == "websocket.accept":
+                status = 101
             await send(message)
 
         try:
             await self._app(scope, receive, send_and_note_status)
         finally:
-            method = scope["method"]
+            method = scope["method"] if scope["type"] == "http" else "GET"
+            route = self._routes(scope["path"], method)
             self._metrics.observe_request(
-                self._routes(scope["path"], method),
+                route,
                 method,
                 status,
-                time.perf_counter() - started,
+                None if route in STREAMING_ROUTES else time.perf_counter() - started,
             )

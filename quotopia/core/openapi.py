@@ -20,7 +20,14 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 from quart import Quart
-from quart_schema import QuartSchema, document_response, operation_id, tag
+from quart_schema import (
+    QuartSchema,
+    document_headers,
+    document_querystring,
+    document_response,
+    operation_id,
+    tag,
+)
 from quart_schema.openapi import Info, OpenAPIProvider, Tag
 from quart_schema.typing import Model
 from werkzeug.routing import BaseConverter, Rule
@@ -32,20 +39,33 @@ __all__ = [
     "TAGS",
     "Alive",
     "CoreOpenAPI",
+    "EventStream",
     "Feed",
     "Health",
     "InternalError",
+    "MapLink",
+    "MapNode",
     "MethodNotAllowed",
     "MetricsText",
+    "NoQuotesYet",
     "NotReady",
+    "Page",
     "PathNotFound",
     "Prices",
     "Quote",
     "QuoteNotFound",
     "Ready",
+    "RecentQuotes",
+    "StreamHeaders",
+    "StreamQuery",
+    "StreamedQuote",
     "SymbolNotFound",
+    "SystemMap",
     "TooLarge",
+    "UnknownSymbols",
+    "UpgradeRequired",
     "Version",
+    "document_stream",
     "documented",
     "serve_docs",
 ]
@@ -59,6 +79,8 @@ _SWAGGER_UI = "static/swagger-ui"
 TAGS = [
     Tag(name="quotes", description="The latest prices, as FT's feed brought them."),
     Tag(name="health", description="Liveness, readiness and the state of the feed."),
+    Tag(name="push", description="Every quote as Core receives it: Server-Sent Events."),
+    Tag(name="dashboard", description="The live dashboard and the system map it draws."),
     Tag(name="service", description="Build information and Prometheus metrics."),
 ]
 
@@ -66,9 +88,13 @@ DESCRIPTION = """\
 Core keeps the latest quote of every symbol that FT streams, and serves it over HTTP.
 
 Every response is JSON (`application/json`), errors included, except `/metrics`
-(Prometheus' text format) and the docs page (`/docs`). A path not listed here answers
-`404 {"error": "not found", "path": ...}`; a method other than `GET` or `HEAD`
-answers `405 {"error": "method not allowed", "path": ...}` with an `Allow` header.
+(Prometheus' text format), the event stream (`/quotes/stream`) and the docs page
+(`/docs`). A path not listed here answers `404 {"error": "not found", "path": ...}`;
+a method other than `GET` or `HEAD` answers `405 {"error": "method not allowed",
+"path": ...}` with an `Allow` header.
+
+A WebSocket at `/ws` speaks a small JSON protocol (subscribe, unsubscribe, list,
+ping), described in docs/push.md: OpenAPI has no words for WebSockets.
 """
 
 
@@ -193,6 +219,118 @@ class TextBody(RootModel[str]):
     media_types: ClassVar[tuple[str, ...]] = ("text/plain",)
 
 
+class EventStream(TextBody):
+    """Server-Sent Events (`text/event-stream`), until the client leaves or Core stops."""
+
+    media_types = ("text/event-stream",)
+
+
+class StreamQuery(BaseModel):
+    symbols: str | None = Field(
+        default=None,
+        description="Comma-separated symbols to stream, in any case (`BTC,eth`); all if absent.",
+        examples=["BTC,ETH"],
+    )
+    last_event_id: str | None = Field(
+        default=None,
+        description="Resume after this event id, as the `Last-Event-ID` header does (which "
+        "wins if both are given): for a first connection that already holds quotes.",
+    )
+
+
+class StreamHeaders(BaseModel):
+    last_event_id: str | None = Field(
+        default=None,
+        description="The id of the last event received, to resume after it (browsers "
+        "send it by themselves when they reconnect).",
+    )
+
+
+class UnknownSymbols(_Body):
+    """A symbol Core has no quotes of, or `symbols=` naming none."""
+
+    error: Literal["unknown symbol", "no symbols"]
+    symbols: list[str] | None = Field(default=None, description="The unknown symbols.")
+    detail: str | None = None
+
+
+class NoQuotesYet(_Body):
+    """Core has no quotes from FT yet, so it cannot tell which symbols exist."""
+
+    error: Literal["no quotes yet"]
+    detail: str
+
+
+class StreamedQuote(_Body):
+    """A quote as the push protocols and the recent history carry it."""
+
+    symbol: str
+    price: float
+    time: datetime | None
+    change_percent: float
+    sequence: int = Field(ge=0, le=2**64 - 1)
+
+
+class RecentQuotes(_Body):
+    """The quotes of one symbol Core still holds (its last 600), oldest first."""
+
+    symbol: str = Field(description="The canonical symbol.")
+    last_event_id: str = Field(
+        description="Resume the event stream after this (`/quotes/stream?last_event_id=`) "
+        "to miss nothing that came after these."
+    )
+    quotes: list[StreamedQuote]
+
+
+class MapNode(_Body):
+    """A service, and how it is doing."""
+
+    id: str
+    name: str
+    role: str
+    up: bool
+    address: str | None = None
+    requests_per_second: float | None = Field(default=None, ge=0)
+    symbols: int | None = Field(default=None, ge=0)
+    push_connections: dict[str, int] | None = None
+
+
+class MapLink(_Body):
+    """A connection between two services, and its state."""
+
+    from_: str = Field(alias="from")
+    to: str
+    kind: str
+    up: bool
+    last_quote_age_seconds: float | None = Field(default=None, ge=0)
+    reconnects: int | None = Field(default=None, ge=0)
+    push_connections: int | None = Field(default=None, ge=0)
+
+
+class SystemMap(_Body):
+    """Quotopia's services and links as Core sees them now: the dashboard's map."""
+
+    nodes: list[MapNode]
+    links: list[MapLink]
+
+
+class Page(TextBody):
+    """An HTML page."""
+
+    media_types = ("text/html",)
+
+
+class UpgradeRequired(_Body):
+    """A plain HTTP request to the WebSocket's path."""
+
+    error: Literal["upgrade required"]
+    detail: str
+
+
+class RetryAfterHeader(BaseModel):
+    retry_after: int = Field(description="Seconds to wait before asking again.")
+
+
 class MetricsText(TextBody):
     """Prometheus' text format 0.0.4; OpenMetrics 1.0.0 if the Accept header asks for it."""
 
@@ -231,6 +369,14 @@ def documented(
         return route
 
     return decorate
+
+
+def document_stream(route: F) -> F:
+    """Describe ``GET /quotes/stream``: its query, its header, its answers."""
+    route = document_querystring(StreamQuery)(route)
+    route = document_headers(StreamHeaders)(route)
+    route = document_response(NoQuotesYet, 503, RetryAfterHeader)(route)
+    return documented("push", {200: EventStream, 400: UnknownSymbols})(route)
 
 
 class CoreOpenAPI(OpenAPIProvider):

@@ -9,10 +9,14 @@
             nursery
             ├─ hypercorn.trio.serve .. the quart-trio app behind PreparedQuotes (the two
             │                          hot GETs); returns on shutdown_trigger
-            └─ supervise_feed ........ reconnect loop → one gRPC session → store
+            │    └─ one task per request; a push connection (SSE, WebSocket) reads
+            │       the hub until it ends
+            ├─ supervise_feed ........ reconnect loop → one gRPC session → store
+            └─ hub.watch ............. once a second: SSE heartbeats, slow push clients
 
-When the HTTP server returns (after finishing in-flight requests), the nursery is
-cancelled, which stops the feed consumer. If either task crashes, the other is
+On shutdown, the push hub is closed first (event streams end, WebSockets get
+1001), then hypercorn finishes in-flight requests; when it returns, the nursery is
+cancelled, which stops the feed consumer and the hub's watcher. If either task crashes, the other is
 cancelled and the error propagates: nothing runs unsupervised.
 
 With ``--workers N``, each of N processes runs this same tree on a socket their
@@ -38,12 +42,15 @@ from quotopia.core.feed import Session, grpc_session, supervise_feed
 from quotopia.core.http import (
     FinishResponses,
     abort_connections,
+    cut_connection,
     json_protocol_errors,
     reason_phrases,
     track_connections,
+    ws_keepalive,
 )
 from quotopia.core.metrics import CoreMetrics, MeasureRequests, RouteTemplates
 from quotopia.core.probes import readiness
+from quotopia.core.push.hub import PushHub
 from quotopia.core.store import QuoteStore
 from quotopia.errors import StartupError, describe_os_error
 from quotopia.telemetry.probes import Lifecycle
@@ -70,8 +77,9 @@ async def serve(
     """
     store = QuoteStore()
     lifecycle = Lifecycle()
-    metrics = CoreMetrics(store, ready=lambda: readiness(lifecycle, store).ok)
-    quart_app = create_app(store, metrics, lifecycle)
+    hub = PushHub(store, config.push, cut=cut_connection)
+    metrics = CoreMetrics(store, ready=lambda: readiness(lifecycle, store).ok, hub=hub)
+    quart_app = create_app(store, metrics, lifecycle, hub, ft_addr=config.ft_addr)
     app = MeasureRequests(
         FinishResponses(PreparedQuotes(quart_app, store)),
         metrics,
@@ -80,6 +88,7 @@ async def serve(
     json_protocol_errors()
     reason_phrases()
     track_connections()
+    ws_keepalive(config.push.ws_ping_timeout)
     hypercorn_config = _hypercorn_config(config)
     if listener is not None:
         # hypercorn wraps the descriptor in a socket of its own, which then owns it.
@@ -90,7 +99,7 @@ async def serve(
                 _serve_http,
                 app,
                 hypercorn_config,
-                _draining_first(shutdown_trigger, lifecycle, config.shutdown_delay),
+                _draining_first(shutdown_trigger, lifecycle, config.shutdown_delay, hub),
                 nursery.cancel_scope,
             )
         except* OSError as group:
@@ -109,16 +118,22 @@ async def serve(
             # The parent announces the port, once for all its workers.
             logger.info("serving port %d, feed from FT at %s", port, config.ft_addr)
         nursery.start_soon(partial(supervise_feed, config, store, session=session))
+        nursery.start_soon(hub.watch)
         lifecycle.serving()
         task_status.started(port)
     logger.info("Core stopped")
 
 
 def _draining_first(
-    trigger: Callable[[], Awaitable[None]] | None, lifecycle: Lifecycle, delay: float
+    trigger: Callable[[], Awaitable[None]] | None,
+    lifecycle: Lifecycle,
+    delay: float,
+    hub: PushHub,
 ) -> Callable[[], Awaitable[None]]:
     """``trigger``, then /readyz says "draining" for ``delay`` seconds while Core
-    still serves, so a load balancer stops sending before Core stops accepting."""
+    still serves, so a load balancer stops sending before Core stops accepting;
+    then the push connections end, so hypercorn's graceful stop has only short
+    requests left to finish."""
 
     async def drain_then_stop() -> None:
         await (trigger or trio.sleep_forever)()
@@ -126,6 +141,7 @@ def _draining_first(
         if delay > 0:
             logger.info("draining: /readyz answers 503; stopping in %gs", delay)
             await trio.sleep(delay)
+        hub.close()
 
     return drain_then_stop
 
@@ -174,4 +190,8 @@ def _hypercorn_config(config: CoreConfig) -> HypercornConfig:
     # Hand hypercorn our logger, so its lines share our format.
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.graceful_timeout = config.graceful_timeout
+    # WebSockets: pings (see ws_keepalive), and the size limit of a client's
+    # message: over it, hypercorn closes the connection with 1009.
+    hc.websocket_ping_interval = config.push.ws_ping_interval
+    hc.websocket_max_message_size = config.push.ws_max_message
     return hc

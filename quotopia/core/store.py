@@ -1,7 +1,8 @@
 """Core's state: the latest quote per symbol and the feed's health.
 
-The feed consumer is the only writer; HTTP handlers only read. Nothing here awaits,
-so a read never sees a half-applied update. The JSON bodies of ``GET /quotes`` and
+The feed consumer is the only writer; HTTP handlers and push connections only
+read. Nothing here awaits, so a read never sees a half-applied update. Listeners
+(the push hub) are called after every change, synchronously. The JSON bodies of ``GET /quotes`` and
 ``GET /quotes/<symbol>`` are rendered once per update, not once per request (only a
 quote's ``age_seconds`` changes between two updates; it is appended per request).
 """
@@ -9,11 +10,13 @@ quote's ``age_seconds`` changes between two updates; it is appended per request)
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
+from quotopia.core.recent import RecentQuotes, quote_fields
 from quotopia.telemetry.metrics import FastHistogram
 
 __all__ = ["QuoteStore", "StoredQuote"]
@@ -35,15 +38,23 @@ class QuoteStore:
 
     ``clock`` is a monotonic clock in seconds, ``wall_clock`` the time of day in
     seconds since the epoch (to compare with FT's quote times); tests pass fakes.
+    ``recent`` holds the last quotes of every symbol, numbered, for push clients
+    (by default 600 per symbol, with a random epoch).
     """
 
     def __init__(
         self,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        recent: RecentQuotes | None = None,
     ) -> None:
         self._clock = clock
         self._wall_clock = wall_clock
+        #: The recent quotes, numbered: what push clients read and resume from.
+        self.recent = recent if recent is not None else RecentQuotes(secrets.token_hex(4))
+        #: Goes up by one whenever ``connected`` changes.
+        self.feed_version = 0
+        self._listeners: list[Callable[[], None]] = []
         self._quotes: dict[str, StoredQuote] = {}
         self._quotes_json: bytes | None = b"{}"
         #: Per symbol, the body of GET /quotes/<symbol> up to its ``age_seconds`` value.
@@ -74,6 +85,7 @@ class QuoteStore:
         """Record one quote from the feed."""
         now = self._clock()
         key = symbol.upper()
+        previous = self._quotes.get(key)
         self._quotes[key] = StoredQuote(symbol, price, time, change_percent, sequence, now)
         self._quotes_json = None
         self._quote_heads.pop(key, None)
@@ -87,6 +99,23 @@ class QuoteStore:
             self.feed_latency.observe(max(0.0, self._wall_clock() - time.timestamp()))
         if not self._snapshot_left:  # None (the size is unknown) or 0
             self.has_snapshot = True
+        # A reconnect's snapshot repeats the quotes Core already has: not news.
+        if previous is None or (previous.sequence, previous.price, previous.time) != (
+            sequence,
+            price,
+            time,
+        ):
+            self.recent.append(symbol, price, time, change_percent, sequence, now)
+            self._changed()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every new quote and every change of the feed's
+        state. It must not raise, nor block."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def feed_up(self, snapshot_size: int | None = None) -> None:
         """A stream from FT is open; ``snapshot_size`` quotes open it, if FT said so.
@@ -101,6 +130,8 @@ class QuoteStore:
         self._snapshot_left = snapshot_size
         if snapshot_size == 0:
             self.has_snapshot = True
+        self.feed_version += 1
+        self._changed()
 
     @property
     def latest(self) -> list[StoredQuote]:
@@ -108,7 +139,10 @@ class QuoteStore:
         return sorted(self._quotes.values(), key=lambda q: q.symbol)
 
     def feed_down(self) -> None:
-        self.connected = False
+        if self.connected:
+            self.connected = False
+            self.feed_version += 1
+            self._changed()
 
     def get(self, symbol: str) -> StoredQuote | None:
         """The latest quote of ``symbol``, matched case-insensitively."""
@@ -157,17 +191,6 @@ class QuoteStore:
 def _render_head(quote: StoredQuote) -> bytes:
     """A quote's JSON up to the value of ``age_seconds``, its last member."""
     rendered = json.dumps(
-        {
-            "symbol": quote.symbol,
-            "price": quote.price,
-            "time": None if quote.time is None else _rfc3339_precise(quote.time),
-            "change_percent": round(quote.change_percent, 4),
-            "sequence": quote.sequence,
-        }
+        quote_fields(quote.symbol, quote.price, quote.time, quote.change_percent, quote.sequence)
     )
     return rendered[:-1].encode() + b', "age_seconds": '
-
-
-def _rfc3339_precise(moment: datetime) -> str:
-    """RFC 3339 UTC with milliseconds: quote times are finer than a second."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -41,7 +41,7 @@ import trio
 from anyio.abc import Process, TaskStatus
 
 from quotopia import logs
-from quotopia.core.config import CoreConfig
+from quotopia.core.config import CoreConfig, PushLimits
 from quotopia.core.server import serve
 from quotopia.errors import StartupError, describe_os_error
 from quotopia.shutdown import shutdown_on_signals
@@ -178,7 +178,8 @@ def _worker_main() -> None:
     # The N workers share one stderr: each line says which one wrote it (a
     # "worker N:" prefix of the text, or a "worker" key of the JSON).
     logs.configure(log_level, log_format, "core", worker=int(number))
-    config = CoreConfig(**json.loads(settings))
+    fields = json.loads(settings)
+    config = CoreConfig(**fields | {"push": PushLimits(**fields["push"])})
     listener = socket.socket(fileno=int(listen_fd))
     trio.run(_serve_worker, config, listener, int(lifeline_fd))
 
