@@ -27,7 +27,6 @@
   });
 
   const cards = new Map(); // symbol -> {element, times, prices, plot, first, lastTime}
-  const tickTimes = []; // FT's tick times seen in the last 10 s (for the tick rate)
   const page = {
     lastEventId: null,
     stream: null,
@@ -104,7 +103,7 @@
           stroke: "#4f5b66",
           grid: { stroke: "#e1e6eb" },
           ticks: { stroke: "#c9d1d9" },
-          size: 70,
+          size: 86,
           values: (_, ticks) => ticks.map((value) => priceFormat.format(value)),
         },
       ],
@@ -186,13 +185,23 @@
     return false;
   }
 
+  // FT's ticks per second, from the times FT gave its last quotes (history
+  // included, so it is known from the start): any symbol moves every tick.
   function tickRate() {
-    const now = performance.now();
-    while (tickTimes.length && now - tickTimes[0].at > 10000) tickTimes.shift();
-    if (tickTimes.length < 2) return null;
-    const distinct = new Set(tickTimes.map((tick) => tick.time)).size;
-    const span = (now - tickTimes[0].at) / 1000;
-    return span > 0 ? (distinct - 1) / span : null;
+    let best = null;
+    for (const entry of cards.values()) {
+      const times = entry.times;
+      if (times.length < 2) continue;
+      const last = times[times.length - 1];
+      let first = times.length - 1;
+      while (first > 0 && last - times[first - 1] <= 10) first -= 1;
+      const span = last - times[first];
+      if (span > 0) {
+        const rate = (times.length - 1 - first) / span;
+        best = best === null ? rate : Math.max(best, rate);
+      }
+    }
+    return best;
   }
 
   function age(seconds) {
@@ -300,9 +309,13 @@
     const state = document.createElement("span");
     state.className = "state";
     state.textContent = words;
-    const extra = document.createElement("span");
-    extra.textContent = pairs.map(([term, value]) => `${term}: ${value}`).join(" · ");
-    item.replaceChildren(name, line, state, extra);
+    const extras = pairs.map(([term, value]) => {
+      const extra = document.createElement("span");
+      extra.className = "extra";
+      extra.textContent = `${term}: ${value}`;
+      return extra;
+    });
+    item.replaceChildren(name, line, state, ...extras);
   }
 
   async function pollSystem() {
@@ -346,7 +359,6 @@
       page.lastEventId = event.lastEventId;
       const quote = JSON.parse(event.data);
       page.lastQuoteAt = performance.now();
-      tickTimes.push({ at: page.lastQuoteAt, time: quote.time });
       addQuote(quote, true);
     });
     stream.addEventListener("feed", (event) => onFeed(JSON.parse(event.data)));

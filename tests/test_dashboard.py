@@ -1,0 +1,261 @@
+"""The dashboard in a real browser: Debian's Chromium, headless, driven by
+Playwright against real FT and Core processes. Playwright never downloads a
+browser here: it is given ``/usr/bin/chromium``.
+
+The page must show prices changing without a reload, turn FT's box and the gRPC
+link red when FT is killed and green when it is back, make no request to any
+other host, log no console error, and not shift its layout while prices tick.
+Screenshots at desktop and phone width are saved in the test's directory, and
+also in ``$QUOTOPIA_SCREENSHOTS`` if set (``docs/`` holds the README's copies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from _services import DEADLINE, running_core, running_ft
+from playwright.sync_api import Browser, Page, ViewportSize, sync_playwright
+
+#: Core's static files. (Not imported from quotopia.core: that imports trio-asyncio,
+#: whose event loop policy breaks Playwright's asyncio loop in this process.)
+STATIC_FOLDER = Path(__file__).resolve().parents[1] / "quotopia" / "core" / "static"
+DASHBOARD_PAGE = STATIC_FOLDER / "dashboard" / "index.html"
+
+logger = logging.getLogger(__name__)
+
+CHROMIUM = Path("/usr/bin/chromium")
+#: Headless as root, and no traffic of Chromium's own (updates, sync, lookups):
+#: this machine's network is closed, and the test checks every request it sees.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+]
+DESKTOP: ViewportSize = {"width": 1280, "height": 900}
+PHONE: ViewportSize = {"width": 390, "height": 844}
+#: Playwright's waits take milliseconds.
+WAIT_MS = DEADLINE * 1000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
+        pytest.skip(f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+    # trio-asyncio (which Core's modules import, in other tests of this process)
+    # installs its own event loop policy; Playwright's sync API needs asyncio's.
+    policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+    try:
+        with sync_playwright() as playwright:
+            launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                yield launched
+            finally:
+                launched.close()
+    finally:
+        asyncio.set_event_loop_policy(policy)
+
+
+class Watched:
+    """A page, with every console error, page error and request host it had."""
+
+    def __init__(self, browser: Browser, viewport: ViewportSize) -> None:
+        self.context = browser.new_context(viewport=viewport)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.hosts: set[str] = set()
+        self.page.on(
+            "console",
+            lambda message: self.errors.append(message.text) if message.type == "error" else None,
+        )
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.on("request", lambda request: self.hosts.add(urlsplit(request.url).netloc))
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def screenshot(watched: Watched, name: str, tmp_path: Path) -> Path:
+    path = tmp_path / name
+    watched.page.screenshot(path=str(path), full_page=True)
+    if wanted := os.environ.get("QUOTOPIA_SCREENSHOTS"):
+        shutil.copy(path, Path(wanted) / name)
+    return path
+
+
+def map_state(page: Page, key: str) -> str | None:
+    return page.get_attribute(f'#map [data-key="{key}"]', "data-state")
+
+
+def wait_for_state(page: Page, key: str, state: str) -> None:
+    page.wait_for_selector(f'#map [data-key="{key}"][data-state="{state}"]', timeout=WAIT_MS)
+
+
+@pytest.mark.e2e
+def test_the_dashboard_is_live_and_its_map_follows_ft(browser: Browser, tmp_path: Path) -> None:
+    with running_ft() as ft, running_core(ft.port) as core:
+        origin = f"127.0.0.1:{core.port}"
+        watched = Watched(browser, DESKTOP)
+        page = watched.page
+        try:
+            page.goto(f"http://{origin}/")
+            page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+            price = page.locator('.card[data-symbol="BTC"] .price data')
+            price.wait_for(timeout=WAIT_MS)
+            first = price.inner_text()
+            # Prices change on screen, with no reload.
+            page.wait_for_function(
+                "first => document.querySelector('.card[data-symbol=\"BTC\"] .price data')"
+                ".textContent !== first",
+                arg=first,
+                timeout=WAIT_MS,
+            )
+            assert page.locator(".card").count() == 3
+            wait_for_state(page, "ft", "up")
+            wait_for_state(page, "ft->core", "up")
+            assert page.locator('#map [data-key="ft->core"] .state').inner_text() == "connected"
+
+            # Layout shift while prices tick: none.
+            page.evaluate(
+                """() => {
+                    window.shifted = 0;
+                    new PerformanceObserver(list => {
+                        for (const entry of list.getEntries())
+                            if (!entry.hadRecentInput) window.shifted += entry.value;
+                    }).observe({type: "layout-shift"});
+                }"""
+            )
+            sequence = page.locator('.card[data-symbol="ETH"] .price data')
+            for _ in range(3):
+                before = sequence.inner_text()
+                page.wait_for_function(
+                    "before => document.querySelector('.card[data-symbol=\"ETH\"] .price data')"
+                    ".textContent !== before",
+                    arg=before,
+                    timeout=WAIT_MS,
+                )
+            assert page.evaluate("window.shifted") < 0.01
+            screenshot(watched, "dashboard-desktop.png", tmp_path)
+
+            # Kill FT: its box and the link turn red; Core and the page stay up.
+            killed = time.monotonic()
+            ft.process.kill()
+            wait_for_state(page, "ft", "down")
+            wait_for_state(page, "ft->core", "down")
+            logger.info("FT's box turned red %.2fs after the kill", time.monotonic() - killed)
+            assert page.locator('#map [data-key="ft->core"] .state').inner_text() == "retrying"
+            assert map_state(page, "core") == "up"
+            assert page.get_attribute("#connection", "data-state") == "live"
+            screenshot(watched, "dashboard-feed-down.png", tmp_path)
+
+            # FT again: green again, one reconnect, prices moving.
+            with running_ft(port=ft.port, seed=2):
+                wait_for_state(page, "ft", "up")
+                wait_for_state(page, "ft->core", "up")
+                assert "Reconnects: 1" in page.locator('#map [data-key="ft->core"]').inner_text()
+                now = price.inner_text()
+                page.wait_for_function(
+                    "now => document.querySelector('.card[data-symbol=\"BTC\"] .price data')"
+                    ".textContent !== now",
+                    arg=now,
+                    timeout=WAIT_MS,
+                )
+
+                phone = Watched(browser, PHONE)
+                try:
+                    phone.page.goto(f"http://{origin}/")
+                    phone.page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+                    wait_for_state(phone.page, "ft", "up")
+                    # Filled from Core's recent history: not empty on arrival.
+                    phone.page.wait_for_selector(".card .plot canvas", timeout=WAIT_MS)
+                    width = phone.page.evaluate("document.documentElement.scrollWidth")
+                    assert width <= PHONE["width"], "the page scrolls sideways on a phone"
+                    screenshot(phone, "dashboard-phone.png", tmp_path)
+                    assert phone.errors == []
+                    assert phone.hosts == {origin}
+                finally:
+                    phone.close()
+            assert watched.errors == []
+            assert watched.hosts == {origin}
+        finally:
+            watched.close()
+
+
+@pytest.mark.e2e
+def test_every_control_is_reachable_by_keyboard_and_labelled(
+    browser: Browser,
+) -> None:
+    with running_ft() as ft, running_core(ft.port) as core:
+        watched = Watched(browser, DESKTOP)
+        page = watched.page
+        try:
+            page.goto(f"http://127.0.0.1:{core.port}/")
+            page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+            page.wait_for_selector(".card .plot canvas", timeout=WAIT_MS)
+            controls = page.evaluate(
+                "[...document.querySelectorAll('a[href], button:not([hidden])')]"
+                ".map(e => e.textContent.trim())"
+            )
+            reached = []
+            for _ in range(len(controls)):
+                page.keyboard.press("Tab")
+                reached.append(page.evaluate("document.activeElement.textContent.trim()"))
+            assert sorted(reached) == sorted(controls)
+            assert page.get_attribute("#connection", "role") == "status"
+            labels = page.eval_on_selector_all(
+                ".plot", "plots => plots.map(p => p.getAttribute('aria-label'))"
+            )
+            assert labels == [f"{s} price over the last 10 minutes" for s in ("BTC", "ETH", "SBER")]
+            assert page.get_attribute("html", "lang") == "en"
+            assert watched.errors == []
+        finally:
+            watched.close()
+
+
+class _Assets(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if value and (
+                (tag == "script" and name == "src") or (tag == "link" and name == "href")
+            ):
+                self.found.append(value)
+
+
+def test_the_page_loads_only_core_s_own_files() -> None:
+    """Every script and stylesheet is one of Core's static files, named relatively
+    (the page works below a root path); the icon is inline; nothing names a host."""
+    page = DASHBOARD_PAGE.read_text()
+    parser = _Assets()
+    parser.feed(page)
+    assets = [asset for asset in parser.found if not asset.startswith("data:")]
+    assert assets
+    for asset in assets:
+        assert asset.startswith("static/"), asset
+        assert (STATIC_FOLDER / asset.removeprefix("static/")).is_file(), asset
+    for text in (page, (STATIC_FOLDER / "dashboard" / "dashboard.js").read_text()):
+        # The one URL: the inline icon's SVG namespace, a name that is never fetched.
+        urls = re.findall(r"(?i)\bhttps?://[^\s'\"<>]*", text.replace("%27", "'"))
+        assert set(urls) <= {"http://www.w3.org/2000/svg"}, urls
+    # The vendored chart library comes with its licence and its provenance.
+    for name in ("LICENSE", "README.md", "uPlot.iife.min.js", "uPlot.min.css"):
+        assert (STATIC_FOLDER / "uplot" / name).is_file(), name
