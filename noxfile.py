@@ -46,7 +46,8 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """Lint (ruff, with the ASYNC rules) and type-check (mypy --strict)."""
-    session.install("-e", ".[test,lint]")
+    # The bench's extras too: mypy checks scripts/bench, peers included.
+    session.install("-e", ".[test,lint,bench]")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")

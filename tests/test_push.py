@@ -29,7 +29,7 @@ from quart_trio import QuartTrio
 from quotopia.core.app import create_app
 from quotopia.core.config import PushLimits
 from quotopia.core.metrics import CoreMetrics
-from quotopia.core.push.hub import BATCH_LIMIT, CloseReason, Kind, PushHub
+from quotopia.core.push.hub import BATCH_LIMIT, Batch, CloseReason, Kind, PushHub, Subscriber
 from quotopia.core.recent import RecentQuotes
 from quotopia.core.store import QuoteStore
 
@@ -684,3 +684,84 @@ async def test_push_metrics_count_connections_events_conflation_and_ends(core: C
     assert sample("quotopia_core_push_closed_total", kind="sse", reason="client") == 1
     assert sample("quotopia_core_push_closed_total", kind="ws", reason="client") == 1
     assert sample("quotopia_core_push_closed_total", kind="ws", reason="slow") == 0
+
+
+# --- direct delivery ------------------------------------------------------------------
+
+
+class FakeSocket:
+    """A :class:`~quotopia.core.push.hub.Direct` writer: takes ``room`` bytes at most
+    each write (None: everything), and keeps what it took."""
+
+    chunked = True
+
+    def __init__(self, room: int | None = None) -> None:
+        self.room = room
+        self.taken = b""
+
+    def frame(self, payload: bytes) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(payload), payload)
+
+    def write_nowait(self, data: bytes) -> int:
+        took = data if self.room is None else data[: self.room]
+        self.taken += took
+        return len(took)
+
+
+async def test_a_parked_stream_gets_each_tick_written_without_its_task(core: Core) -> None:
+    sockets = [FakeSocket(), FakeSocket()]
+    given: list[Batch] = []
+    subscribers = []
+    async with trio.open_nursery() as nursery:
+        for socket in sockets:
+            subscriber = core.hub.register(Kind.SSE, None, core.store.recent.last_id, None)
+            subscriber.direct = socket
+            subscribers.append(subscriber)
+
+            async def take(subscriber: Subscriber = subscriber) -> None:
+                given.append(await core.hub.next_batch(subscriber))
+
+            nursery.start_soon(take)
+        await settle()
+        core.feed.tick()
+        core.feed.tick("ETH")
+        await settle()  # the hub's deliver task would run now; here, by hand:
+        core.hub.deliver_now()
+        await settle()
+        assert given == []  # no task woke
+        expected = b"".join(event.sse for event in core.store.recent.after(3, None))
+        framed = b"%x\r\n%b\r\n" % (len(expected), expected)
+        assert [socket.taken for socket in sockets] == [framed, framed]
+        assert core.hub.events_sent[Kind.SSE] == 2 * 4
+        assert all(s.cursor == core.store.recent.last_id for s in subscribers)
+        nursery.cancel_scope.cancel()
+    for subscriber in subscribers:
+        core.hub.release(subscriber)
+
+
+@pytest.mark.parametrize("room", [0, 10])
+async def test_a_full_socket_wakes_the_stream_with_nothing_lost(core: Core, room: int) -> None:
+    socket = FakeSocket(room)
+    subscriber = core.hub.register(Kind.SSE, None, core.store.recent.last_id, None)
+    subscriber.direct = socket
+    given: list[Batch] = []
+    async with trio.open_nursery() as nursery:
+
+        async def take() -> None:
+            given.append(await core.hub.next_batch(subscriber))
+
+        nursery.start_soon(take)
+        await settle()
+        core.feed.tick()
+        core.hub.deliver_now()
+        await settle()
+    (batch,) = given
+    if room == 0:  # nothing written: the task takes the tick itself
+        assert [event.symbol for event in batch.events] == list(SYMBOLS)
+        assert batch.unsent == b""
+    else:  # the rest of the frame, for the task to write as it is
+        assert batch.events == []
+        assert socket.taken + batch.unsent == socket.frame(
+            b"".join(event.sse for event in core.store.recent.after(3, None))
+        )
+    core.hub.release(subscriber)

@@ -209,7 +209,13 @@ def create_app(
             return selected
         # The header (a browser's reconnect) wins: it is newer than the URL.
         last_event_id = request.headers.get("Last-Event-ID", request.args.get("last_event_id"))
-        body = SseStream(push, selected, last_event_id, request.scope.get("client"))
+        body = SseStream(
+            push,
+            selected,
+            last_event_id,
+            request.scope.get("client"),
+            request.scope.get("http_version", "1.1"),
+        )
         response = Response(body, content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         # nginx buffers responses unless told not to; a stream must not wait.

@@ -20,6 +20,11 @@ out within 2 s of SIGTERM):
   stopped reading runs under an unbounded shield). tests/test_resilience.py
   checks it. :func:`cut_connection` does the same to one connection, for the push
   hub to drop a client that stopped reading (tests/test_push_e2e.py).
+- :class:`RawWriter` writes bytes straight to an HTTP/1.x connection's socket,
+  beside hypercorn, framed as h11 would frame them: how the push hub delivers a
+  tick to thousands of event streams without waking a task, or passing each
+  chunk through Quart, hypercorn and h11, for each of them (tests/test_push_e2e.py
+  reads the bytes through h11).
 - :func:`ws_keepalive` makes hypercorn's WebSocket pings detect dead peers:
   hypercorn sends a ping every ``websocket_ping_interval`` seconds but never looks
   for the pong, so a peer that vanished (no FIN, no RST) would hold its
@@ -30,6 +35,7 @@ out within 2 s of SIGTERM):
 from __future__ import annotations
 
 import json
+import os
 import time
 import weakref
 from http import HTTPStatus
@@ -56,6 +62,7 @@ from quotopia.status_lines import reason, reason_phrases
 __all__ = [
     "FINISH_TIMEOUT",
     "FinishResponses",
+    "RawWriter",
     "abort_connections",
     "cut_connection",
     "json_protocol_errors",
@@ -205,6 +212,78 @@ def _close_socket(connection: TCPServer) -> bool:
         return False
     sock.close()
     return True
+
+
+class RawWriter:
+    """Bytes straight to the socket of one HTTP/1.x connection whose response body
+    hypercorn is in the middle of sending (an event stream), framed as h11 frames
+    them: a chunk each on HTTP/1.1, the bytes as they are on HTTP/1.0.
+
+    Only while nothing else writes to the connection: the response's own task is
+    parked (so neither Quart nor hypercorn sends), and :meth:`write_nowait` checks
+    hypercorn's send lock anyway. h11 does not see these bytes, which it need not:
+    it keeps no count of a chunked body, and ends it with its own last chunk.
+
+    Error handling: a socket that fails (the peer is gone) marks the writer
+    broken, and it writes nothing more; the response's own path then finds the
+    closed connection, as hypercorn reports it.
+    """
+
+    __slots__ = ("_connection", "broken", "chunked")
+
+    def __init__(self, connection: TCPServer, chunked: bool) -> None:
+        self._connection = connection
+        self.chunked = chunked
+        self.broken = False
+
+    @classmethod
+    def for_client(cls, client: tuple[str, int] | None, http_version: str) -> RawWriter | None:
+        """The writer of the connection from ``client`` (ASGI's ``scope["client"]``),
+        or None if there is none such (HTTP/2, TLS, or no tracked connection)."""
+        if client is None or http_version not in ("1.0", "1.1"):
+            return None
+        connection = _by_peer.get((client[0], client[1]))
+        if connection is None or getattr(connection.stream, "socket", None) is None:
+            return None
+        return cls(connection, chunked=http_version == "1.1")
+
+    def frame(self, payload: bytes) -> bytes:
+        """``payload`` as one piece of the body on the wire."""
+        if not self.chunked:
+            return payload
+        return b"%x\r\n%b\r\n" % (len(payload), payload)
+
+    def write_nowait(self, data: bytes) -> int:
+        """Write what the socket takes now, without waiting; how many bytes (0 if
+        hypercorn is writing, the socket is full, or the writer is broken)."""
+        if self.broken or self._connection.send_lock.locked():
+            return 0
+        # Looked up each time: a closed socket says -1, and its number may already
+        # belong to another connection.
+        fd = self._connection.stream.socket.fileno()
+        if fd < 0:
+            self.broken = True
+            return 0
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.broken = True
+            return 0
+
+    async def write(self, data: bytes) -> None:
+        """Write all of ``data``, waiting for room, under hypercorn's send lock and
+        shielded as hypercorn shields its writes (a cancelled write would cut a
+        chunk in half; a stuck one ends when the hub cuts the connection)."""
+        if self.broken:
+            return
+        async with self._connection.send_lock:
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._connection.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.broken = True
 
 
 # --- WebSocket keepalive ------------------------------------------------------------

@@ -12,6 +12,7 @@
             │    └─ one task per request; a push connection (SSE, WebSocket) reads
             │       the hub until it ends
             ├─ supervise_feed ........ reconnect loop → one gRPC session → store
+            ├─ hub.deliver ........... each tick, straight to every event stream that keeps up
             └─ hub.watch ............. once a second: SSE heartbeats, slow push clients
 
 On shutdown, the push hub is closed first (event streams end, WebSockets get
@@ -58,6 +59,9 @@ from quotopia.telemetry.probes import Lifecycle
 __all__ = ["serve"]
 
 logger = logging.getLogger("quotopia.core")
+
+#: The listening socket's backlog (Linux caps it at net.core.somaxconn, 4096 by default).
+LISTEN_BACKLOG = 4096
 
 
 async def serve(
@@ -119,6 +123,7 @@ async def serve(
             logger.info("serving port %d, feed from FT at %s", port, config.ft_addr)
         nursery.start_soon(partial(supervise_feed, config, store, session=session))
         nursery.start_soon(hub.watch)
+        nursery.start_soon(hub.deliver)
         lifecycle.serving()
         task_status.started(port)
     logger.info("Core stopped")
@@ -190,6 +195,10 @@ def _hypercorn_config(config: CoreConfig) -> HypercornConfig:
     # Hand hypercorn our logger, so its lines share our format.
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.graceful_timeout = config.graceful_timeout
+    # Connections waiting to be accepted. hypercorn's default (100) overflows when
+    # thousands of push clients connect at once (after a restart, say): the kernel
+    # then drops their SYNs, and each retries a second or more later.
+    hc.backlog = LISTEN_BACKLOG
     # WebSockets: pings (see ws_keepalive), and the size limit of a client's
     # message: over it, hypercorn closes the connection with 1009.
     hc.websocket_ping_interval = config.push.ws_ping_interval

@@ -42,7 +42,7 @@ from anyio.abc import Process, TaskStatus
 
 from quotopia import logs
 from quotopia.core.config import CoreConfig, PushLimits
-from quotopia.core.server import serve
+from quotopia.core.server import LISTEN_BACKLOG, serve
 from quotopia.errors import StartupError, describe_os_error
 from quotopia.shutdown import shutdown_on_signals
 
@@ -76,7 +76,9 @@ def run_workers(config: CoreConfig, log_level: str, log_format: str = "text") ->
 def _listen(config: CoreConfig) -> socket.socket:
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     try:
-        return socket.create_server((config.host, config.port), family=family)
+        return socket.create_server(
+            (config.host, config.port), family=family, backlog=LISTEN_BACKLOG
+        )
     except OSError as exc:
         raise StartupError(
             f"cannot listen on {config.host}:{config.port}: {describe_os_error(exc)}"

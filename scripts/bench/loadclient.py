@@ -1,4 +1,5 @@
-"""The gRPC subscriber load: processes that each hold many StreamQuotes streams.
+"""The subscriber load: processes that each hold many StreamQuotes streams (at FT)
+or push connections (at Core: ``--client sse`` or ``ws``, see :mod:`.pushwire`).
 
 One load process (``python -m scripts.bench.loadclient``, started by the bench,
 never by hand) opens its share of the streams, spread over connections of
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import queue
@@ -44,14 +46,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import protos, wire
+from . import protos, pushwire, wire
 from .latency import Histogram
 from .procs import BenchError
 
-__all__ = ["CLIENTS", "FanoutSample", "Subscribers", "merge"]
+__all__ = ["CLIENTS", "PUSH_CLIENTS", "FanoutSample", "Subscribers", "merge"]
 
 #: The load's gRPC clients: the lean one (:mod:`.wire`) and grpcio's grpc.aio.
 CLIENTS = ("wire", "grpcio")
+#: Its push clients, for Core (and its peer): Server-Sent Events and WebSocket.
+PUSH_CLIENTS = ("sse", "ws")
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,7 +79,7 @@ class _Subscriber:
     # wire.StreamHandler
     def on_message(self, message: bytes) -> None:
         now = time.time()
-        self.load.record(self, self.load.parse(message), now)
+        self.load.record_quote(self, self.load.parse(message), now)
 
     def on_end(self, status: str) -> None:
         self.load.end(self, status)
@@ -107,16 +111,25 @@ class _Load:
         self.latency = Histogram()
         self._add_latency = self.latency.add
 
-    def record(self, sub: _Subscriber, quote: Any, now: float) -> None:
-        """Account for one quote received at ``now`` (epoch seconds)."""
+    def record_quote(self, sub: _Subscriber, quote: Any, now: float) -> None:
+        """Account for one protobuf ``Quote`` received at ``now`` (epoch seconds)."""
+        stamp = quote.time
+        self.record(sub, quote.symbol, quote.sequence, stamp.seconds + stamp.nanos * 1e-9, now)
+
+    def start(self, sub: _Subscriber) -> None:
+        """``sub`` is subscribed (it got its first quote, or a push snapshot)."""
         if not sub.started:
             sub.started = True
             self.started += 1
             self._check_ready()
-        stamp = quote.time
-        generated = stamp.seconds + stamp.nanos * 1e-9
-        symbol = quote.symbol
-        sequence = quote.sequence
+
+    def record(
+        self, sub: _Subscriber, symbol: str, sequence: int, generated: float, now: float
+    ) -> None:
+        """Account for one quote, generated at ``generated`` and received at ``now``
+        (epoch seconds)."""
+        if not sub.started:
+            self.start(sub)
         last = sub.last
         previous = last.get(symbol)
         last[symbol] = sequence
@@ -188,7 +201,7 @@ class _Load:
                 if quote is eof:
                     self.end(sub, "OK")
                     return
-                self.record(sub, quote, now)
+                self.record_quote(sub, quote, now)
         except grpc.aio.AioRpcError as exc:
             self.end(sub, exc.code().name)
 
@@ -218,12 +231,39 @@ class _Load:
             for connection in connections:
                 connection.close()
 
+    # -- push: SSE and WebSocket (scripts.bench.pushwire) -----------------------------
+
+    async def run_push(self, kind: str) -> None:
+        host, _, port = self.target.rpartition(":")
+        loop = asyncio.get_running_loop()
+        transports: list[asyncio.Transport] = []
+        reader = pushwire.SseReader if kind == "sse" else pushwire.WebSocketReader
+        try:
+            for _ in range(self.streams):
+                sub = _Subscriber(self)
+                try:
+                    opened, _ = await loop.create_connection(
+                        functools.partial(reader, sub, self), host, int(port)
+                    )
+                except OSError as exc:
+                    self.end(sub, f"connect: {exc.strerror or exc}")
+                    continue
+                transports.append(opened)
+            await asyncio.Event().wait()
+        finally:
+            for transport in transports:
+                transport.close()
+
 
 async def _run(args: argparse.Namespace) -> None:
     quotes_pb2, _ = protos.load(Path(args.proto_dir))
     load = _Load(args, quotes_pb2)
     begun = time.perf_counter()
-    streams = asyncio.create_task(load.run_wire() if args.client == "wire" else load.run_grpcio())
+    if args.client in PUSH_CLIENTS:
+        running = load.run_push(args.client)
+    else:
+        running = load.run_wire() if args.client == "wire" else load.run_grpcio()
+    streams = asyncio.create_task(running)
     # The bench may send the window before every stream started (a feed too busy to
     # accept them all in time): then the streams that did start are measured.
     window = asyncio.create_task(asyncio.to_thread(sys.stdin.readline))
@@ -290,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--target", required=True, help="HOST:PORT of the feed")
     parser.add_argument("--streams", type=int, required=True)
     parser.add_argument("--per-connection", type=int, default=1)
-    parser.add_argument("--client", choices=CLIENTS, default="wire")
+    parser.add_argument("--client", choices=CLIENTS + PUSH_CLIENTS, default="wire")
     parser.add_argument("--proto-dir", required=True, help="grpc_tools output (quotes_pb2)")
     asyncio.run(_run(parser.parse_args(argv)))
 

@@ -13,6 +13,11 @@ Each is a command of ``python -m scripts.bench.peers``, started by the bench:
 ``core-instrumented``
     Core's own ``serve()``, recording the wall-clock time at which each quote
     reaches its store (for the freshness part): the one probe the bench adds.
+``sse``
+    What a user might write instead of Core's event stream: FastAPI with
+    sse-starlette on uvicorn (uvloop, httptools), fed by FT over grpcio.aio, and
+    streaming each quote as Core does (rendered once, to every client, through a
+    bounded queue per client that drops its oldest when full).
 
 Each logs a "listening" line with its real port, and stops on SIGTERM.
 """
@@ -241,6 +246,96 @@ def _run_core(ft_addr: str, *, port: int, host: str = "127.0.0.1") -> None:
 # --- the command line -----------------------------------------------------------------
 
 
+# --- sse: FastAPI + sse-starlette on uvicorn ------------------------------------------
+
+
+def _serve_sse(args: argparse.Namespace) -> None:
+    import asyncio
+    import contextlib
+    import socket
+    from collections.abc import AsyncIterator
+
+    import grpc
+    import uvicorn
+    from fastapi import FastAPI
+    from sse_starlette import EventSourceResponse, ServerSentEvent
+
+    from .protos import load
+
+    quotes_pb2, _ = load(Path(args.proto_dir))
+    clients: set[asyncio.Queue[bytes]] = set()
+
+    async def consume() -> None:
+        """FT's stream, forever: every quote rendered once, queued to every client."""
+        numbered = 0
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(args.ft_addr) as channel:
+                    call = channel.unary_stream(
+                        "/QuoteService/StreamQuotes",
+                        request_serializer=quotes_pb2.StreamQuotesRequest.SerializeToString,
+                        response_deserializer=quotes_pb2.Quote.FromString,
+                    )(quotes_pb2.StreamQuotesRequest())
+                    async for quote in call:
+                        numbered += 1
+                        data = json.dumps(
+                            {
+                                "symbol": quote.symbol,
+                                "price": quote.price,
+                                "time": quote.time.ToDatetime(UTC)
+                                .isoformat(timespec="milliseconds")
+                                .replace("+00:00", "Z"),
+                                "change_percent": round(quote.change_percent, 4),
+                                "sequence": quote.sequence,
+                            }
+                        )
+                        # Rendered once for every client, as Core does; "\n" line ends,
+                        # as Core's (sse-starlette's default is "\r\n").
+                        event = ServerSentEvent(data, event="quote", id=str(numbered), sep="\n")
+                        frame = event.encode()
+                        for queue in clients:
+                            if queue.full():
+                                queue.get_nowait()  # the oldest goes
+                            queue.put_nowait(frame)
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.5)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(consume())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/quotes/stream")
+    async def stream() -> EventSourceResponse:
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
+        clients.add(queue)
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    yield await queue.get()
+            finally:
+                clients.discard(queue)
+
+        return EventSourceResponse(events(), ping=15, sep="\n")
+
+    sock = socket.create_server((args.host, args.port), backlog=4096)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, loop="uvloop", http="httptools"
+    )
+    server = uvicorn.Server(config)
+    logger.warning("peer SSE listening on http://%s:%d", args.host, port)
+    server.run(sockets=[sock])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The bench's peers (started by the bench)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -259,7 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     probed.add_argument("--ft-addr", required=True)
     probed.add_argument("--record", required=True, help="JSON file written at exit")
 
-    for command in (asgi, ft, probed):
+    sse = commands.add_parser("sse", help="FastAPI + sse-starlette on uvicorn, fed by FT")
+    sse.add_argument("--ft-addr", required=True)
+    sse.add_argument("--proto-dir", required=True, help="grpc_tools output (quotes_pb2)")
+
+    for command in (asgi, ft, probed, sse):
         command.add_argument("--host", default="127.0.0.1")
         command.add_argument("--port", type=int, default=0)
         command.add_argument("--log-level", default="WARNING")
@@ -272,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _serve_asgi(args)
     elif args.command == "ft":
         _serve_ft(args)
+    elif args.command == "sse":
+        _serve_sse(args)
     else:
         _serve_core_instrumented(args)
     return 0

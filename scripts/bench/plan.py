@@ -59,6 +59,10 @@ class Plan:
     freshness_poll_s: float = 0.04
     #: Concurrent pollers, so that under load (slow answers) most ticks are still seen.
     freshness_pollers: int = 8
+    # 6. Push: SSE and WebSocket clients on Core, and the FastAPI peer, at the 1 s tick
+    push_sizes: tuple[int, ...] = (1_000, 5_000, 10_000)
+    push_warmup_s: float = 3.0
+    push_window_s: float = 10.0
     # 5. Footprint
     startup_repeats: int = 3
     idle_settle_s: float = 3.0
@@ -68,7 +72,7 @@ class Plan:
     load_processes: int = 2
     streams_per_connection: int = 1
     load_client: str = "wire"
-    parts: tuple[str, ...] = ("footprint", "rest", "fanout", "throughput", "freshness")
+    parts: tuple[str, ...] = ("footprint", "rest", "fanout", "throughput", "freshness", "push")
 
 
 MODES = ("full", "quick", "smoke")
@@ -84,6 +88,9 @@ def plan_for(mode: str, **overrides: object) -> Plan:
             "rest_rounds": 2,
             "rest_pairs": 2,
             "fanout_sizes": (100, 1_000),
+            "push_sizes": (100, 1_000),
+            "push_warmup_s": 2.0,
+            "push_window_s": 5.0,
             "fanout_warmup_s": 2.0,
             "fanout_window_s": 5.0,
             "throughput_window_s": 2.0,
@@ -98,6 +105,9 @@ def plan_for(mode: str, **overrides: object) -> Plan:
             "rest_rounds": 1,
             "rest_pairs": 1,
             "fanout_sizes": (10,),
+            "push_sizes": (10,),
+            "push_warmup_s": 0.5,
+            "push_window_s": 2.0,
             "fanout_warmup_s": 0.5,
             "fanout_window_s": 2.0,
             "grace_s": 0.5,

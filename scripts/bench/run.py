@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import fanout, footprint, freshness, protos, rest
+from . import fanout, footprint, freshness, protos, push, rest
 from .loadclient import CLIENTS
 from .plan import MODES, Context, Plan, plan_for
 from .procs import ROOT, BenchError
@@ -41,6 +41,7 @@ PARTS: dict[str, Callable[[Context], Part]] = {
     "fanout": fanout.run_fanout,
     "throughput": fanout.run_throughput,
     "freshness": freshness.run,
+    "push": push.run,
 }
 ALL_PARTS = (*PARTS, "footprint")
 DEFAULT_OUT = ROOT / "bench-results" / "bench.json"
@@ -77,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fanout-sizes", help="comma-separated subscriber counts for the fan-out part"
     )
+    parser.add_argument("--push-sizes", help="comma-separated client counts for the push part")
     parser.add_argument(
         "--load-client",
         choices=CLIENTS,
@@ -101,6 +103,8 @@ def _plan(args: argparse.Namespace) -> Plan:
     overrides["parts"] = parts
     if args.fanout_sizes:
         overrides["fanout_sizes"] = tuple(int(n) for n in args.fanout_sizes.split(","))
+    if args.push_sizes:
+        overrides["push_sizes"] = tuple(int(n) for n in args.push_sizes.split(","))
     if args.load_client:
         overrides["load_client"] = args.load_client
     if args.load_processes:

@@ -25,6 +25,13 @@ The per-connection buffer, and its policy (see docs/push.md):
 Heartbeats, lag checks and the closing of slow connections are done by one task
 for all connections, :meth:`PushHub.watch`, once a second; a connection waits on
 nothing but its own wake-up event.
+
+*Direct delivery*, for the common case of an event stream that keeps up: while
+its task waits for news, :meth:`PushHub.deliver` (one task for all) writes each
+tick straight to its socket (a :class:`Direct` writer), rendered and framed once
+for every stream with the same events, without waking its task. Only a stream
+whose socket is full, or that has something else to send (the feed's state, a
+heartbeat), is woken to send it itself, the slow way.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -46,6 +54,7 @@ __all__ = [
     "BATCH_LIMIT",
     "Batch",
     "CloseReason",
+    "Direct",
     "Kind",
     "PushHub",
     "PushLimits",
@@ -80,6 +89,22 @@ class CloseReason(enum.Enum):
     ERROR = "error"
 
 
+class Direct(Protocol):
+    """Writes to a push connection's socket without its task (see
+    :class:`quotopia.core.http.RawWriter`)."""
+
+    #: Is each write framed (an HTTP/1.1 chunk)? Writers that frame alike share frames.
+    chunked: bool
+
+    def frame(self, payload: bytes) -> bytes:
+        """``payload`` as it goes on the wire (a chunk, say)."""
+        ...
+
+    def write_nowait(self, data: bytes) -> int:
+        """Write what the socket takes now; how many bytes."""
+        ...
+
+
 @dataclass(slots=True)
 class Batch:
     """What a connection is to send next."""
@@ -96,6 +121,9 @@ class Batch:
     slow: bool = False
     #: Its own task has mail for it (a WebSocket's client sent a message).
     mail: bool = False
+    #: The rest of a direct write that the socket did not take whole: to be
+    #: written as it is, before anything else.
+    unsent: bytes = b""
 
 
 class Subscriber:
@@ -107,6 +135,7 @@ class Subscriber:
         "client",
         "conflated",
         "cursor",
+        "direct",
         "feed_seen",
         "has_mail",
         "heartbeat_due",
@@ -116,6 +145,7 @@ class Subscriber:
         "sent",
         "slow_since",
         "symbols",
+        "unsent",
     )
 
     def __init__(
@@ -147,6 +177,10 @@ class Subscriber:
         self.conflated = 0
         #: Why it ended, when its own task decided (a limit broken, say).
         self.reason: CloseReason | None = None
+        #: Its socket, for direct delivery while its task waits (None: none).
+        self.direct: Direct | None = None
+        #: What a direct write left unwritten (its task writes it).
+        self.unsent = b""
         self._wake = trio.Event()
 
     def poke(self) -> None:
@@ -188,6 +222,9 @@ class PushHub:
         self._open: dict[Kind, int] = dict.fromkeys(Kind, 0)
         #: Subscribers asleep in :meth:`next_batch`, to wake on news.
         self._waiting: set[Subscriber] = set()
+        #: Those of them with a direct writer: :meth:`deliver` writes to them.
+        self._parked: set[Subscriber] = set()
+        self._due = trio.Event()
         self.closing = False
         #: Counters for the metrics, by kind (and reason).
         self.events_sent: dict[Kind, int] = dict.fromkeys(Kind, 0)
@@ -227,6 +264,7 @@ class PushHub:
             return
         self._subscribers.discard(subscriber)
         self._waiting.discard(subscriber)
+        self._parked.discard(subscriber)
         self._open[subscriber.kind] -= 1
         if subscriber.reason is not None:
             reason = subscriber.reason
@@ -279,6 +317,9 @@ class PushHub:
                 return Batch(slow=True)
             if self.closing:
                 return Batch(closing=True)
+            if subscriber.unsent:
+                unsent, subscriber.unsent = subscriber.unsent, b""
+                return Batch(unsent=unsent)
             batch = Batch()
             events = recent.after(subscriber.cursor, subscriber.symbols)
             if events:
@@ -302,11 +343,12 @@ class PushHub:
                 batch.mail = True
             if batch.events or batch.feed is not None or batch.heartbeat or batch.mail:
                 return batch
-            self._waiting.add(subscriber)
+            (self._waiting if subscriber.direct is None else self._parked).add(subscriber)
             try:
                 await subscriber._sleep()
             finally:
                 self._waiting.discard(subscriber)
+                self._parked.discard(subscriber)
 
     def sent(self, subscriber: Subscriber, events: int) -> None:
         """``subscriber`` wrote ``events`` quote events (and maybe more) just now."""
@@ -315,10 +357,66 @@ class PushHub:
         self.events_sent[subscriber.kind] += events
 
     def _news(self) -> None:
-        """The store changed: wake every connection waiting for news."""
+        """The store changed: wake every connection waiting for news, but those
+        :meth:`deliver` writes to."""
         waiting, self._waiting = self._waiting, set()
         for subscriber in waiting:
             subscriber.poke()
+        if self._parked:
+            self._due.set()
+
+    async def deliver(self) -> None:
+        """Forever: after each burst of news (a tick's quotes arrive together, and
+        this task runs once the feed's task has applied them all), write it to
+        every parked connection directly (see the module's docstring)."""
+        while True:
+            await self._due.wait()
+            self._due = trio.Event()
+            self.deliver_now()
+
+    def deliver_now(self) -> None:
+        """One pass of :meth:`deliver`."""
+        recent = self.store.recent
+        feed_version = self.store.feed_version
+        #: A tick's bytes, by the events in them and their framing: written to
+        #: every stream that has the same, rendered once.
+        frames: dict[tuple[bool, tuple[int, ...]], bytes] = {}
+        for subscriber in list(self._parked):
+            direct = subscriber.direct
+            assert direct is not None
+            if (
+                subscriber.slow_since is not None
+                or self.closing
+                or subscriber.feed_seen != feed_version
+                or subscriber.heartbeat_due
+                or subscriber.has_mail
+            ):
+                self._unpark(subscriber)  # its task sends it, in order
+                continue
+            events = recent.after(subscriber.cursor, subscriber.symbols)
+            if not events:
+                subscriber.cursor = recent.last_id
+                continue
+            if len(events) > BATCH_LIMIT:
+                self._unpark(subscriber)  # its task conflates
+                continue
+            key = (direct.chunked, tuple(event.id for event in events))
+            frame = frames.get(key)
+            if frame is None:
+                frame = frames[key] = direct.frame(b"".join([event.sse for event in events]))
+            written = direct.write_nowait(frame)
+            if written == 0:
+                self._unpark(subscriber)  # the socket is full: its task waits for room
+                continue
+            subscriber.cursor = recent.last_id
+            self.sent(subscriber, len(events))
+            if written < len(frame):
+                subscriber.unsent = frame[written:]
+                self._unpark(subscriber)
+
+    def _unpark(self, subscriber: Subscriber) -> None:
+        self._parked.discard(subscriber)
+        subscriber.poke()
 
     # --- the watcher ---------------------------------------------------------------
 

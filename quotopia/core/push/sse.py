@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Collection
 
+from quotopia.core.http import RawWriter
 from quotopia.core.push.hub import Kind, PushHub, Subscriber
 from quotopia.core.recent import QuoteEvent
 
@@ -68,12 +69,15 @@ class SseStream:
         symbols: Collection[str] | None,
         last_event_id: str | None,
         client: tuple[str, int] | None,
+        http_version: str = "1.1",
     ) -> None:
         self._hub = hub
         self._symbols = symbols
         self._last_event_id = last_event_id
         self._client = client
+        self._http_version = http_version
         self._subscriber: Subscriber | None = None
+        self._raw: RawWriter | None = None
         self._done = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -86,6 +90,11 @@ class SseStream:
         if subscriber is None:
             return self._open()
         batch = await self._hub.next_batch(subscriber)
+        while batch.unsent:
+            # The end of a direct write: on the wire as it is, before anything else.
+            assert self._raw is not None
+            await self._raw.write(batch.unsent)
+            batch = await self._hub.next_batch(subscriber)
         if batch.closing or batch.slow:
             self._done = True
             await self.aclose()
@@ -118,6 +127,9 @@ class SseStream:
             parts.append(b"event: reset\ndata: " + body.encode() + b"\n\n")
         cursor = recent.last_id
         self._subscriber = subscriber = hub.register(Kind.SSE, symbols, cursor, self._client)
+        # From the next tick on, the hub may write to the socket itself (then this
+        # opening chunk is on the wire: its task waits for news only after).
+        self._raw = subscriber.direct = RawWriter.for_client(self._client, self._http_version)
         if replay is not None:
             parts.extend(event.sse for event in replay)
         else:
