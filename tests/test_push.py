@@ -418,6 +418,24 @@ async def test_a_client_that_does_not_read_is_conflated_then_closed(core: Core) 
     assert core.hub.connections(Kind.SSE) == 0
 
 
+async def test_a_client_is_found_slow_even_once_its_backlog_left_the_history() -> None:
+    """At a fast tick the recent history spans seconds: the lag is counted from
+    the first quote the client missed, not from the oldest still held."""
+    core = make_core(per_symbol=4)
+    async with sse(core) as stream:
+        await stream.events(2)
+        for _ in range(20):
+            core.feed.tick()
+            await settle()
+        for _ in range(11):  # a tick a second, for 11 s; 4 per symbol are held
+            core.clock.now += 1.0
+            core.hub.check(core.clock.now)
+            core.feed.tick()
+        await stream.rest()
+        assert stream.ended
+    assert core.hub.closed[Kind.SSE, CloseReason.SLOW] == 1
+
+
 async def test_a_client_behind_by_less_than_the_lag_limit_stays(core: Core) -> None:
     async with sse(core) as stream:
         await stream.events(2)

@@ -36,6 +36,7 @@ import json
 import math
 import queue
 import resource
+import socket
 import subprocess
 import sys
 import threading
@@ -91,6 +92,7 @@ class _Load:
     def __init__(self, args: argparse.Namespace, pb: Any) -> None:
         self.target = args.target
         self.streams = args.streams
+        self.stall: bool = getattr(args, "stall", False)
         self.per_connection = args.per_connection
         self.connections = math.ceil(self.streams / self.per_connection)
         self.request = pb.StreamQuotesRequest()
@@ -238,12 +240,14 @@ class _Load:
         loop = asyncio.get_running_loop()
         transports: list[asyncio.Transport] = []
         reader = pushwire.SseReader if kind == "sse" else pushwire.WebSocketReader
+        stall = self.stall
         try:
             for _ in range(self.streams):
                 sub = _Subscriber(self)
                 try:
                     opened, _ = await loop.create_connection(
-                        functools.partial(reader, sub, self), host, int(port)
+                        functools.partial(reader, sub, self, stall=stall),
+                        sock=await _connected(host, int(port), small_window=stall),
                     )
                 except OSError as exc:
                     self.end(sub, f"connect: {exc.strerror or exc}")
@@ -253,6 +257,22 @@ class _Load:
         finally:
             for transport in transports:
                 transport.close()
+
+
+async def _connected(host: str, port: int, *, small_window: bool) -> socket.socket:
+    """A connected, non-blocking socket; with a 4 KiB receive buffer if asked (set
+    before connecting, so the window it offers stays small: a client that stops
+    reading then fills its server's socket within moments)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if small_window:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def _run(args: argparse.Namespace) -> None:
@@ -332,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--per-connection", type=int, default=1)
     parser.add_argument("--client", choices=CLIENTS + PUSH_CLIENTS, default="wire")
     parser.add_argument("--proto-dir", required=True, help="grpc_tools output (quotes_pb2)")
+    parser.add_argument(
+        "--stall", action="store_true", help="push clients stop reading once subscribed"
+    )
     asyncio.run(_run(parser.parse_args(argv)))
 
 
@@ -531,6 +554,7 @@ class Subscribers:
         per_connection: int,
         client: str,
         proto_dir: Path,
+        stall: bool = False,
     ) -> None:
         processes = max(1, min(processes, total))
         shares = [total // processes + (i < total % processes) for i in range(processes)]
@@ -546,6 +570,7 @@ class Subscribers:
                     f"--per-connection={per_connection}",
                     f"--client={client}",
                     f"--proto-dir={proto_dir}",
+                    *(["--stall"] if stall else []),
                 ]
             )
             for share in shares

@@ -63,6 +63,8 @@ class Plan:
     push_sizes: tuple[int, ...] = (1_000, 5_000, 10_000)
     push_warmup_s: float = 3.0
     push_window_s: float = 10.0
+    #: Event streams that stop reading, on a 10 ms tick: Core's memory meanwhile.
+    push_stalled: int = 1_000
     # 5. Footprint
     startup_repeats: int = 3
     idle_settle_s: float = 3.0
@@ -89,6 +91,7 @@ def plan_for(mode: str, **overrides: object) -> Plan:
             "rest_pairs": 2,
             "fanout_sizes": (100, 1_000),
             "push_sizes": (100, 1_000),
+            "push_stalled": 100,
             "push_warmup_s": 2.0,
             "push_window_s": 5.0,
             "fanout_warmup_s": 2.0,
@@ -106,6 +109,7 @@ def plan_for(mode: str, **overrides: object) -> Plan:
             "rest_pairs": 1,
             "fanout_sizes": (10,),
             "push_sizes": (10,),
+            "push_stalled": 10,
             "push_warmup_s": 0.5,
             "push_window_s": 2.0,
             "fanout_warmup_s": 0.5,

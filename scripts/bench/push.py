@@ -11,6 +11,7 @@ of :mod:`.pushwire`, in :attr:`~.plan.Plan.load_processes` processes.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -108,6 +109,60 @@ def _measure(
     return result
 
 
+def _closed_slow(port: int) -> int:
+    """Core's count of event streams closed as slow, from its /metrics."""
+    _, body = http_get(port, "/metrics")
+    found = re.search(
+        rb'^quotopia_core_push_closed_total\{kind="sse",reason="slow"\} (\S+)$', body, re.M
+    )
+    return int(float(found[1])) if found else 0
+
+
+def _stalled(ctx: Context, clients: int) -> dict[str, object]:
+    """``clients`` event streams that stop reading once subscribed, FT at a 10 ms
+    tick (300 quotes a second each): Core's RSS until it has cut them all (the lag
+    limit is 10 s), and how long that took."""
+    plan = ctx.plan
+    ft, ft_port = start_ft(0.01)
+    with ft:
+        core, port = start_core(ft_port)
+        with core:
+            core_ready(core, port, 30)
+            rss_idle = core.rss()
+            with Subscribers(
+                f"127.0.0.1:{port}",
+                clients,
+                processes=plan.load_processes,
+                per_connection=1,
+                client="sse",
+                proto_dir=ctx.proto_dir,
+                stall=True,
+            ) as subs:
+                connect_s, problem = subs.wait_ready(plan.connect_timeout_s)
+                rss_connected = core.rss()
+                began = time.monotonic()
+                peak = rss_connected
+                cut = _closed_slow(port)
+                while cut < clients and time.monotonic() - began < 60:
+                    time.sleep(0.5)
+                    peak = max(peak, core.rss())
+                    cut = _closed_slow(port)
+                took = time.monotonic() - began
+                rss_after = core.rss()
+    return {
+        "clients": clients,
+        "tick_s": 0.01,
+        "connect_s": connect_s,
+        "connect_problem": problem,
+        "rss_idle": rss_idle,
+        "rss_connected": rss_connected,
+        "rss_peak_while_stalled": peak,
+        "rss_after_cut": rss_after,
+        "closed_slow": cut,
+        "all_cut_after_s": took,
+    }
+
+
 def _settle(port: int, core: bool, timeout: float = 30.0) -> None:
     """Wait until the server has let go of the last run's connections."""
     if not core:
@@ -139,11 +194,29 @@ def run(ctx: Context) -> Part:
                     result = _measure(ctx, server, port, kind, n, ft)
                     results[f"{name}/{n}"] = result
                     ctx.log(f"  N={n:,} {label}: {_summary(result)}")
+    stalled = _stalled(ctx, plan.push_stalled)
+    ctx.log(
+        f"  {stalled['clients']:,} stalled streams: {stalled['closed_slow']:,} cut in "
+        f"{_f(stalled['all_cut_after_s']):.1f}s; RSS {mib(_f(stalled['rss_connected']))} "
+        f"connected, {mib(_f(stalled['rss_peak_while_stalled']))} at most meanwhile"
+    )
     rows = [
         _row(name, label, n, results[f"{name}/{n}"], results.get(f"peer_sse/{n}"))
         for n in plan.push_sizes
         for name, label, _ in TARGETS
     ]
+    rows.append(
+        Row(
+            "6 push",
+            f"{stalled['clients']:,} event streams that stop reading (10 ms tick)",
+            f"RSS {mib(_f(stalled['rss_connected']))} connected, "
+            f"{mib(_f(stalled['rss_peak_while_stalled']))} at most while stalled",
+            f"idle: {mib(_f(stalled['rss_idle']))}",
+            f"{stalled['closed_slow']:,} cut as slow within {_f(stalled['all_cut_after_s']):.1f}s "
+            f"(lag limit 10 s); RSS after: {mib(_f(stalled['rss_after_cut']))}",
+        )
+    )
+    results["stalled_sse"] = stalled
     data: dict[str, object] = {
         "tick_s": plan.fanout_tick_s,
         "window_s": plan.push_window_s,

@@ -39,9 +39,12 @@ def _epoch(stamp: str) -> float:
 
 
 class _Reader(asyncio.Protocol):
-    def __init__(self, sub: Any, load: Load) -> None:
+    """``stall``: stop reading once subscribed, as a client that froze would."""
+
+    def __init__(self, sub: Any, load: Load, *, stall: bool = False) -> None:
         self.sub = sub
         self.load = load
+        self.stall = stall
         self.transport: asyncio.Transport | None = None
         self.head = True
         self.buffer = bytearray()
@@ -110,6 +113,9 @@ class SseReader(_Reader):
                 self.quote(block[data_at + 6 :], now)
             elif name == b"snapshot":
                 self.load.start(self.sub)
+                if self.stall:
+                    assert self.transport is not None
+                    self.transport.pause_reading()
         del buffer[:start]
 
 

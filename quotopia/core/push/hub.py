@@ -141,6 +141,7 @@ class Subscriber:
         "heartbeat_due",
         "kind",
         "last_write",
+        "pending_since",
         "reason",
         "sent",
         "slow_since",
@@ -171,6 +172,10 @@ class Subscriber:
         self.last_write = now
         self.heartbeat_due = False
         self.has_mail = False
+        #: When the oldest event it has not been given arrived (None: not known to
+        #: have any). Kept, not recomputed: that event may since have dropped out
+        #: of the recent history, which at a fast tick spans only seconds.
+        self.pending_since: float | None = None
         #: When it was found slow (None: it is not).
         self.slow_since: float | None = None
         self.sent = 0
@@ -332,6 +337,7 @@ class PushHub:
                 batch.events = events
             # Every event of its symbols up to the newest is now given (or skipped).
             subscriber.cursor = recent.last_id
+            subscriber.pending_since = None
             if subscriber.feed_seen != self.store.feed_version:
                 subscriber.feed_seen = self.store.feed_version
                 batch.feed = self.store.feed_status()
@@ -396,6 +402,7 @@ class PushHub:
             events = recent.after(subscriber.cursor, subscriber.symbols)
             if not events:
                 subscriber.cursor = recent.last_id
+                subscriber.pending_since = None
                 continue
             if len(events) > BATCH_LIMIT:
                 self._unpark(subscriber)  # its task conflates
@@ -409,6 +416,7 @@ class PushHub:
                 self._unpark(subscriber)  # the socket is full: its task waits for room
                 continue
             subscriber.cursor = recent.last_id
+            subscriber.pending_since = None
             self.sent(subscriber, len(events))
             if written < len(frame):
                 subscriber.unsent = frame[written:]
@@ -438,9 +446,13 @@ class PushHub:
                 if now - subscriber.slow_since >= 1.0 and subscriber.client is not None:
                     self._cut(subscriber.client)
                 continue
-            oldest = recent.oldest_after(subscriber.cursor, subscriber.symbols)
-            if oldest is not None and now - oldest.received_at > limits.lag_limit:
-                self._fell_behind(subscriber, now, now - oldest.received_at)
+            if subscriber.pending_since is None:
+                oldest = recent.oldest_after(subscriber.cursor, subscriber.symbols)
+                if oldest is not None:
+                    subscriber.pending_since = oldest.received_at
+            behind = subscriber.pending_since
+            if behind is not None and now - behind > limits.lag_limit:
+                self._fell_behind(subscriber, now, now - behind)
             elif subscriber.kind is Kind.SSE and now - subscriber.last_write >= limits.heartbeat:
                 subscriber.heartbeat_due = True
                 subscriber.poke()
