@@ -90,6 +90,10 @@ CATALOGUE: Mapping[str, str] = {
     "quotopia_core_price": "gauge",
     "quotopia_core_feed_latency_seconds": "histogram",
     "quotopia_core_ready": "gauge",
+    "quotopia_core_push_connections": "gauge",
+    "quotopia_core_push_events_sent_total": "counter",
+    "quotopia_core_push_conflated_total": "counter",
+    "quotopia_core_push_closed_total": "counter",
 }
 
 #: Families the catalogue names only by prefix (prometheus_client's process and

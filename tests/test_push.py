@@ -1,11 +1,12 @@
-"""Core's push protocols through quart-trio's test client: ``GET /quotes/stream``
-(Server-Sent Events) and ``GET /ws`` (WebSocket), over a store the tests fill.
+"""Core's push protocols in process: ``GET /quotes/stream`` (Server-Sent Events,
+driven at the ASGI level) and ``GET /ws`` (WebSocket, through quart-trio's test
+client), over a store the tests fill; and the hub's direct delivery.
 
 The feed is faked (``store.apply``), and time too: the store and the hub share a
 fake monotonic clock, and the tests run the hub's watcher by hand
 (``hub.check(now)``), so heartbeats and slow clients are tested without waiting.
-The test client's channels hold 10 messages: a test that stops reading has a
-client that stops reading, and Core's writes then wait, as on a full socket.
+Both clients' channels hold 10 messages: a test that stops reading has a client
+that stops reading, and Core's writes then wait, as on a full socket.
 """
 
 from __future__ import annotations
