@@ -784,3 +784,25 @@ async def test_a_full_socket_wakes_the_stream_with_nothing_lost(core: Core, room
             b"".join(event.sse for event in core.store.recent.after(3, None))
         )
     core.hub.release(subscriber)
+
+
+async def test_half_a_chunk_is_finished_before_a_shutdown_ends_the_stream(core: Core) -> None:
+    socket = FakeSocket(10)
+    subscriber = core.hub.register(Kind.SSE, None, core.store.recent.last_id, None)
+    subscriber.direct = socket
+    given: list[Batch] = []
+    async with trio.open_nursery() as nursery:
+
+        async def take() -> None:
+            given.append(await core.hub.next_batch(subscriber))
+            given.append(await core.hub.next_batch(subscriber))
+
+        nursery.start_soon(take)
+        await settle()
+        core.feed.tick()
+        core.hub.deliver_now()
+        core.hub.close()
+        await settle()
+    assert [bool(batch.unsent) for batch in given] == [True, False]
+    assert given[1].closing
+    core.hub.release(subscriber)

@@ -318,13 +318,14 @@ class PushHub:
         """
         recent = self.store.recent
         while True:
+            if subscriber.unsent:
+                # First: half a chunk is on the wire, and nothing may come between.
+                unsent, subscriber.unsent = subscriber.unsent, b""
+                return Batch(unsent=unsent)
             if subscriber.slow_since is not None:
                 return Batch(slow=True)
             if self.closing:
                 return Batch(closing=True)
-            if subscriber.unsent:
-                unsent, subscriber.unsent = subscriber.unsent, b""
-                return Batch(unsent=unsent)
             batch = Batch()
             events = recent.after(subscriber.cursor, subscriber.symbols)
             if events:
