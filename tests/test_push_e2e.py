@@ -296,20 +296,20 @@ def test_a_websocket_peer_that_answers_no_ping_is_dropped() -> None:
     ):
         with ws_connect(f"ws://127.0.0.1:{core.port}/ws", open_timeout=DEADLINE) as alive:
             until_message(alive, "hello")
-            dead = silent_websocket(core.port)
-            try:
+            # Kept open to the end: closed at once, its port could be reused by the
+            # next connection while Core's side of the old one is in TIME_WAIT, and
+            # loopback then resets the new one.
+            with silent_websocket(core.port) as dead:
                 started = time.monotonic()
                 assert drained_until_closed(dead)
                 dropped_after = time.monotonic() - started
-            finally:
-                dead.close()
-            assert metric(core.port, "quotopia_core_push_connections", kind="ws") == 1
-            # The client that answers pings (websockets does, as browsers do) stays,
-            # through more pings than it took to drop the silent one.
-            deadline = time.monotonic() + 2 * dropped_after
-            while time.monotonic() < deadline:
-                alive.send(json.dumps({"op": "ping", "id": 1}))
-                assert until_message(alive, "pong") == {"type": "pong", "id": 1}
+                assert metric(core.port, "quotopia_core_push_connections", kind="ws") == 1
+                # The client that answers pings (websockets does, as browsers do)
+                # stays, through more pings than it took to drop the silent one.
+                deadline = time.monotonic() + 2 * dropped_after
+                while time.monotonic() < deadline:
+                    alive.send(json.dumps({"op": "ping", "id": 1}))
+                    assert until_message(alive, "pong") == {"type": "pong", "id": 1}
         assert no_problems(core), core.process.output()
 
 
