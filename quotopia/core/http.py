@@ -315,7 +315,13 @@ async def _ping_and_watch(self: WSStream) -> None:
 
     async def ping() -> None:
         while not self.closed:
-            await self._send_wsproto_event(Ping())
+            try:
+                await self._send_wsproto_event(Ping())
+            except trio.BusyResourceError:
+                # The connection is being closed (hypercorn's close sends its EOF
+                # without the send lock): nothing more to ping. Raised, it would
+                # take every connection of the server down with it.
+                return
             await trio.sleep(interval)
 
     self.task_group.spawn(ping)
