@@ -296,9 +296,6 @@ def test_a_websocket_peer_that_answers_no_ping_is_dropped() -> None:
     ):
         with ws_connect(f"ws://127.0.0.1:{core.port}/ws", open_timeout=DEADLINE) as alive:
             until_message(alive, "hello")
-            # Kept open to the end: closed at once, its port could be reused by the
-            # next connection while Core's side of the old one is in TIME_WAIT, and
-            # loopback then resets the new one.
             with silent_websocket(core.port) as dead:
                 started = time.monotonic()
                 assert drained_until_closed(dead)
