@@ -67,15 +67,29 @@ class _Reader(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.finish("OK" if exc is None else f"lost: {exc}")
 
-    def response_head(self) -> bytes | None:
-        """Strip the HTTP response head off the buffer once whole; the status line."""
+    def body_ready(self, data: bytes, expected: bytes) -> bool:
+        """Buffer ``data``; True once the response head is off the buffer with the
+        ``expected`` status (b" 200 ", say). A head with another status ends the
+        connection."""
+        self.buffer += data
+        if not self.head:
+            return True
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
-            return None
+            return False
         status = bytes(self.buffer[: self.buffer.find(b"\r\n")])
         del self.buffer[: end + 4]
         self.head = False
-        return status
+        if expected not in status:
+            self.finish(status.decode(errors="replace"))
+            assert self.transport is not None
+            self.transport.close()
+            return False
+        self.opened()
+        return True
+
+    def opened(self) -> None:
+        """The response head is in: what the client does then (nothing, here)."""
 
 
 class SseReader(_Reader):
@@ -88,16 +102,8 @@ class SseReader(_Reader):
 
     def data_received(self, data: bytes) -> None:
         now = _now()
-        self.buffer += data
-        if self.head:
-            status = self.response_head()
-            if status is None:
-                return
-            if b" 200 " not in status:
-                self.finish(status.decode(errors="replace"))
-                assert self.transport is not None
-                self.transport.close()
-                return
+        if not self.body_ready(data, b" 200 "):
+            return
         buffer = self.buffer
         start = 0
         while (end := buffer.find(b"\n\n", start)) >= 0:
@@ -142,19 +148,13 @@ class WebSocketReader(_Reader):
         masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
         self.transport.write(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
 
+    def opened(self) -> None:
+        self.send(0x1, b'{"op": "subscribe", "symbols": ["BTC", "ETH", "SBER"]}')
+
     def data_received(self, data: bytes) -> None:
         now = _now()
-        self.buffer += data
-        if self.head:
-            status = self.response_head()
-            if status is None:
-                return
-            if b" 101 " not in status:
-                self.finish(status.decode(errors="replace"))
-                assert self.transport is not None
-                self.transport.close()
-                return
-            self.send(0x1, b'{"op": "subscribe", "symbols": ["BTC", "ETH", "SBER"]}')
+        if not self.body_ready(data, b" 101 "):
+            return
         buffer = self.buffer
         at = 0
         while len(buffer) - at >= 2:
