@@ -348,6 +348,7 @@ async def test_reflection_lists_and_describes_the_services() -> None:
         "time": [3, F.TYPE_MESSAGE],
         "change_percent": [4, F.TYPE_DOUBLE],
         "sequence": [5, F.TYPE_UINT64],
+        "run_id": [6, F.TYPE_FIXED64],
     }
     assert found["time_type"] == "google.protobuf.Timestamp"
     assert found["health_methods"] == ["Check", "Watch"]

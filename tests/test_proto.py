@@ -49,7 +49,14 @@ def test_check_detects_stale_code(tmp_path: Path) -> None:
 
 def test_contract_field_numbers_and_method_path() -> None:
     fields = {f.name: f.number for f in _proto.Quote.DESCRIPTOR.fields}
-    assert fields == {"symbol": 1, "price": 2, "time": 3, "change_percent": 4, "sequence": 5}
+    assert fields == {
+        "symbol": 1,
+        "price": 2,
+        "time": 3,
+        "change_percent": 4,
+        "sequence": 5,
+        "run_id": 6,
+    }
     request = {f.name: f.number for f in _proto.StreamQuotesRequest.DESCRIPTOR.fields}
     assert request == {"symbols": 1}
     file = _proto.Quote.DESCRIPTOR.file

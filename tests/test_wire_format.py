@@ -35,7 +35,13 @@ from hypothesis import strategies as st
 from quotopia import _proto
 from quotopia.ft.config import FTConfig
 from quotopia.ft.server import serve
-from quotopia.ft.wire import EncodedQuote, encode_quotes, join_messages, length_prefixed
+from quotopia.ft.wire import (
+    EncodedQuote,
+    encode_quotes,
+    join_messages,
+    length_prefixed,
+    new_run_id,
+)
 from quotopia.market import DEFAULT_SYMBOLS, Market, Quote, parse_symbols
 
 #: Bound on every wait. Generous for a noisy 2-core machine; a pass takes far less.
@@ -46,13 +52,14 @@ SYMBOLS = ("SBER", "BTC", "ETH")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def stock_encodings(pb2: ModuleType, quote: Quote) -> tuple[bytes, bytes]:
+def stock_encodings(pb2: ModuleType, quote: Quote, run_id: int) -> tuple[bytes, bytes]:
     """``quote`` encoded by protoc's classes and by betterproto2's, independently."""
     message = pb2.Quote(
         symbol=quote.symbol,
         price=quote.price,
         change_percent=quote.change_percent,
         sequence=quote.sequence,
+        run_id=run_id,
     )
     message.time.FromDatetime(quote.time)
     betterproto = _proto.Quote(
@@ -61,6 +68,7 @@ def stock_encodings(pb2: ModuleType, quote: Quote) -> tuple[bytes, bytes]:
         time=quote.time,
         change_percent=quote.change_percent,
         sequence=quote.sequence,
+        run_id=run_id,
     )
     return message.SerializeToString(), bytes(betterproto)
 
@@ -89,21 +97,31 @@ def test_the_prefix_is_a_zero_flag_and_a_big_endian_length() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(seed=st.integers(min_value=0, max_value=2**32), steps=st.integers(min_value=0, max_value=30))
+@given(
+    seed=st.integers(min_value=0, max_value=2**32),
+    steps=st.integers(min_value=0, max_value=30),
+    run_id=st.integers(min_value=1, max_value=2**63 - 1),
+)
 def test_each_quote_is_the_stock_encoding_behind_a_grpc_prefix(
-    quotes_pb2: ModuleType, seed: int, steps: int
+    quotes_pb2: ModuleType, seed: int, steps: int, run_id: int
 ) -> None:
     market = Market(parse_symbols(DEFAULT_SYMBOLS), seed)
     moment = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     tick = market.open(moment)
     for _ in range(steps):
         tick = market.step(moment)
-    encoded = encode_quotes(tick, 12.5)
+    encoded = encode_quotes(tick, 12.5, run_id)
     assert [e.symbol for e in encoded] == [q.symbol for q in tick]
     for quote, message in zip(tick, encoded, strict=True):
-        protoc, betterproto = stock_encodings(quotes_pb2, quote)
+        protoc, betterproto = stock_encodings(quotes_pb2, quote, run_id)
         assert protoc == betterproto
         assert message.message == length_prefixed(protoc)
+
+
+def test_run_ids_are_positive_63_bit_numbers_and_differ() -> None:
+    run_ids = [new_run_id() for _ in range(1000)]
+    assert all(1 <= run_id < 2**63 for run_id in run_ids)
+    assert len(set(run_ids)) == len(run_ids)
 
 
 def test_joined_messages_keep_order_and_honour_the_filter() -> None:
@@ -209,5 +227,9 @@ async def test_each_tick_is_one_data_frame_of_stock_encoded_messages(
                 expected.change_percent,
                 expected.sequence,
             ),
+            decoded.run_id,
         )
         assert payload == protoc == betterproto, f"frame {index}: {decoded}"
+    # One FT process, one run id, on every quote.
+    assert len({decoded.run_id for _, decoded, _ in received}) == 1
+    assert received[0][1].run_id != 0

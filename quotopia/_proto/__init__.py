@@ -58,6 +58,14 @@ class Quote(betterproto2.Message):
     Per-symbol sequence number: +1 per update of that symbol, so a gap is visible.
     """
 
+    run_id: "int" = betterproto2.field(6, betterproto2.TYPE_FIXED64)
+    """
+    Which run of FT generated this quote: a random number from 1 to 2^63 - 1,
+    drawn when FT starts. Sequence numbers restart with FT (and a seeded FT
+    replays the same prices), so (run_id, symbol, sequence) is what names one
+    quote for good: the recorder's key in the database. 0 from an older FT.
+    """
+
 
 default_message_pool.register_message("", "Quote", Quote)
 
@@ -111,7 +119,7 @@ class QuoteServiceStub(betterproto2_grpclib.ServiceStub):
 from .google import protobuf as google_protobuf
 
 QUOTES_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n\x0cquotes.proto\x1a\x1fgoogle/protobuf/timestamp.proto"/\n\x13StreamQuotesRequest\x12\x18\n\x07symbols\x18\x01 \x03(\tR\x07symbols"\xa8\x01\n\x05Quote\x12\x16\n\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x14\n\x05price\x18\x02 \x01(\x01R\x05price\x12.\n\x04time\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\x04time\x12%\n\x0echange_percent\x18\x04 \x01(\x01R\rchangePercent\x12\x1a\n\x08sequence\x18\x05 \x01(\x04R\x08sequence2>\n\x0cQuoteService\x12.\n\x0cStreamQuotes\x12\x14.StreamQuotesRequest\x1a\x06.Quote0\x01b\x06proto3'
+    b'\n\x0cquotes.proto\x1a\x1fgoogle/protobuf/timestamp.proto"/\n\x13StreamQuotesRequest\x12\x18\n\x07symbols\x18\x01 \x03(\tR\x07symbols"\xbf\x01\n\x05Quote\x12\x16\n\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x14\n\x05price\x18\x02 \x01(\x01R\x05price\x12.\n\x04time\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\x04time\x12%\n\x0echange_percent\x18\x04 \x01(\x01R\rchangePercent\x12\x1a\n\x08sequence\x18\x05 \x01(\x04R\x08sequence\x12\x15\n\x06run_id\x18\x06 \x01(\x06R\x05runId2>\n\x0cQuoteService\x12.\n\x0cStreamQuotes\x12\x14.StreamQuotesRequest\x1a\x06.Quote0\x01b\x06proto3'
 )
 
 

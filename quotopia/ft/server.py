@@ -47,7 +47,7 @@ from quotopia.ft.broadcast import Broadcaster
 from quotopia.ft.config import FTConfig
 from quotopia.ft.metrics import FTMetrics
 from quotopia.ft.service import QuoteService
-from quotopia.ft.wire import EncodedQuote, encode_quotes
+from quotopia.ft.wire import EncodedQuote, encode_quotes, new_run_id
 from quotopia.market import Market, Quote
 from quotopia.telemetry.endpoint import TelemetryApp, listening_socket, serve_endpoint
 from quotopia.telemetry.probes import Lifecycle
@@ -241,8 +241,10 @@ async def _generate(
     Ticks follow a fixed schedule (no drift); if the process falls more than a tick
     behind, the schedule restarts from now instead of firing a burst of catch-up ticks.
     """
+    run_id = new_run_id()
+    logger.info("FT run id %d", run_id, extra={"run_id": run_id})
     opening = market.open(_now())
-    broadcaster.publish(encode_quotes(opening, time.monotonic()))
+    broadcaster.publish(encode_quotes(opening, time.monotonic(), run_id))
     task_status.started()
     interval = config.tick_interval
     decimals = {i.symbol: i.decimals for i in config.instruments}
@@ -251,7 +253,7 @@ async def _generate(
     while True:
         await anyio.sleep_until(next_tick)
         step = market.step(_now())
-        tick = encode_quotes(step, time.monotonic())
+        tick = encode_quotes(step, time.monotonic(), run_id)
         broadcaster.publish(tick)
         metrics.tick(tick)
         _log_moves(step, previous, decimals)

@@ -18,6 +18,7 @@ Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import secrets
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,10 +26,19 @@ from dataclasses import dataclass
 from quotopia import _proto
 from quotopia.market import Quote
 
-__all__ = ["EncodedQuote", "encode_quotes", "join_messages", "length_prefixed"]
+__all__ = ["EncodedQuote", "encode_quotes", "join_messages", "length_prefixed", "new_run_id"]
 
 #: The gRPC message prefix: compressed flag (a byte, 0 or 1), payload length.
 _PREFIX = struct.Struct(">BI")
+
+
+def new_run_id() -> int:
+    """A run id for a new FT process: random, from 1 to 2**63 - 1.
+
+    63 bits, not 64, so it fits a signed 64-bit integer column (PostgreSQL's
+    ``bigint``, SQLite's ``INTEGER``) unchanged; 0 stays free to mean "no run id".
+    """
+    return secrets.randbelow(2**63 - 1) + 1
 
 
 def length_prefixed(payload: bytes) -> bytes:
@@ -50,10 +60,13 @@ class EncodedQuote:
     generated_at: float
 
 
-def encode_quotes(quotes: Iterable[Quote], generated_at: float) -> tuple[EncodedQuote, ...]:
+def encode_quotes(
+    quotes: Iterable[Quote], generated_at: float, run_id: int
+) -> tuple[EncodedQuote, ...]:
     """Encode each of one tick's quotes as the gRPC message every subscriber gets.
 
-    ``generated_at`` is the tick's moment on the monotonic clock.
+    ``generated_at`` is the tick's moment on the monotonic clock; ``run_id`` is
+    this FT process's :func:`new_run_id`.
     """
     return tuple(
         EncodedQuote(
@@ -66,6 +79,7 @@ def encode_quotes(quotes: Iterable[Quote], generated_at: float) -> tuple[Encoded
                         time=q.time,
                         change_percent=q.change_percent,
                         sequence=q.sequence,
+                        run_id=run_id,
                     )
                 )
             ),
