@@ -31,7 +31,7 @@ __all__ = [
 T = TypeVar("T")
 
 #: Environment variables the CLI reads; a test must not inherit them by accident.
-_CLI_ENV_PREFIXES = ("FT_", "CORE_")
+_CLI_ENV_PREFIXES = ("FT_", "CORE_", "QUOTOPIA_", "RECORDER_")
 _CLI_ENV_NAMES = ("LOG_LEVEL", "LOG_FORMAT")
 
 

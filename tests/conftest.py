@@ -8,12 +8,15 @@ grpclib pieces run on asyncio only.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from _postgres import Postgres, running_postgres
 from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,3 +59,27 @@ def quotes_pb2(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# --- databases: SQLite always, PostgreSQL as a private server --------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    """One private PostgreSQL server for the session (tests/_postgres.py)."""
+    with running_postgres() as server:
+        yield server
+
+
+_database_count = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a new, empty database, once on each engine."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'history.db'}"
+    server: Postgres = request.getfixturevalue("postgres_server")
+    name = f"test_{next(_database_count)}"
+    server.psql(f"CREATE DATABASE {name}")
+    return server.url.rsplit("/", 1)[0] + f"/{name}"

@@ -77,6 +77,8 @@ async def serve(
     broadcaster: Broadcaster[EncodedQuote] = Broadcaster(
         config.subscriber_buffer, config.slow_consumer_timeout
     )
+    # Names this run's quotes for good: sequence numbers restart with FT.
+    run_id = new_run_id()
     lifecycle = Lifecycle()
     metrics = FTMetrics(broadcaster, ready=lambda: lifecycle.readiness().ok)
     quotes = QuoteService(market.symbols, broadcaster, metrics)
@@ -104,16 +106,17 @@ async def serve(
         try:
             async with anyio.create_task_group() as tg:
                 port = await tg.start(_run_server, server, config.host, config.port)
-                await tg.start(_generate, market, broadcaster, metrics, config)
+                await tg.start(_generate, market, broadcaster, metrics, config, run_id)
                 serving.set(True)
                 lifecycle.serving()
                 logger.info(
-                    "FT listening on %s:%d (symbols %s, tick %gs)",
+                    "FT listening on %s:%d (symbols %s, tick %gs, run id %d)",
                     config.host,
                     port,
                     ",".join(market.symbols),
                     config.tick_interval,
-                    extra={"port": port, "symbols": list(market.symbols)},
+                    run_id,
+                    extra={"port": port, "symbols": list(market.symbols), "run_id": run_id},
                 )
                 logger.info(
                     "FT metrics on http://%s:%d/metrics",
@@ -231,6 +234,7 @@ async def _generate(
     broadcaster: Broadcaster[EncodedQuote],
     metrics: FTMetrics,
     config: FTConfig,
+    run_id: int,
     *,
     task_status: TaskStatus[None],
 ) -> None:
@@ -241,8 +245,6 @@ async def _generate(
     Ticks follow a fixed schedule (no drift); if the process falls more than a tick
     behind, the schedule restarts from now instead of firing a burst of catch-up ticks.
     """
-    run_id = new_run_id()
-    logger.info("FT run id %d", run_id, extra={"run_id": run_id})
     opening = market.open(_now())
     broadcaster.publish(encode_quotes(opening, time.monotonic(), run_id))
     task_status.started()

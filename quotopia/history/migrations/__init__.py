@@ -1,0 +1,1 @@
+"""Alembic's migration environment for the history database (see ``database.upgrade``)."""
