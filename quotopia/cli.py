@@ -90,6 +90,18 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_database(parser: argparse.ArgumentParser) -> None:
+    from quotopia.history.database import DB_ENV, default_database_url
+
+    _option(
+        parser,
+        "--db",
+        DB_ENV,
+        default_database_url(),
+        "the history database: sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/NAME",
+    )
+
+
 def _log_format(text: str) -> str:
     fmt = text.lower()
     if fmt not in logs.LOG_FORMATS:
@@ -117,7 +129,8 @@ def _log_level(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="quotopia",
-        description="Quotopia: a gRPC price feed (ft) and an HTTP quote service (core).",
+        description="Quotopia: a gRPC price feed (ft), an HTTP quote service (core) "
+        "and their history database (db).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(
@@ -280,6 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_logging(core)
 
+    db = commands.add_parser(
+        "db",
+        help="manage the history database (schema migrations)",
+        description="Manage the history database. `quotopia db upgrade` applies every "
+        "schema migration not yet applied; the recorder and Core also do this at start.",
+    )
+    db_commands = db.add_subparsers(
+        dest="db_command", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    for action, text in (
+        ("upgrade", "apply every migration not yet applied, then print the revision"),
+        ("current", "print the revision the database is at (none: no schema yet)"),
+    ):
+        db_action = db_commands.add_parser(action, help=text, description=text.capitalize() + ".")
+        _add_database(db_action)
+        _add_logging(db_action)
+
     up = commands.add_parser(
         "up",
         help="run FT and Core together, for local use",
@@ -359,6 +389,9 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             return partial(run_workers, core_config, args.log_level, args.log_format)
         return _service(partial(serve_core, core_config), "core", "trio", args)
 
+    if args.command == "db":
+        return _database_command(args)
+
     from quotopia.up import run_up
 
     return lambda: run_up(
@@ -368,6 +401,49 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
         log_level=args.log_level,
         log_format=args.log_format,
     )
+
+
+def _database_command(args: argparse.Namespace) -> Callable[[], int]:
+    """``quotopia db upgrade|current``: one blocking step, no event loop needed."""
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    from quotopia.history.database import (
+        current_revision,
+        describe_url,
+        parse_database_url,
+        upgrade,
+    )
+
+    url = parse_database_url(args.db)
+    if url is None:
+        raise ValueError("--db names no database")
+
+    def run() -> int:
+        logs.configure(args.log_level, args.log_format, "db")
+        log = logging.getLogger("quotopia.db")
+        try:
+            if args.db_command == "upgrade":
+                before, after = upgrade(url)
+                if before == after:
+                    log.info("%s is up to date (revision %s)", describe_url(url), after)
+                else:
+                    log.info(
+                        "%s upgraded from %s to revision %s",
+                        describe_url(url),
+                        before or "an empty database",
+                        after,
+                    )
+                sys.stdout.write(f"{after}\n")
+            else:
+                sys.stdout.write(f"{current_revision(url) or 'none'}\n")
+        except SQLAlchemyError as exc:
+            # One line: the driver's own first line says what is wrong.
+            cause = exc.orig if isinstance(exc, DBAPIError) else exc
+            reason = (str(cause).splitlines() or [type(cause).__name__])[0]
+            raise StartupError(f"database {describe_url(url)}: {reason}") from None
+        return 0
+
+    return run
 
 
 def _service(
