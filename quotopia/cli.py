@@ -19,6 +19,7 @@ import anyio
 
 from quotopia import __version__, logs
 from quotopia.errors import StartupError, first_leaf
+from quotopia.history import DB_ENV, default_database_url
 from quotopia.market import DEFAULT_SYMBOLS, parse_symbols
 from quotopia.shutdown import shutdown_on_signals
 
@@ -91,8 +92,6 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_database(parser: argparse.ArgumentParser) -> None:
-    from quotopia.history.database import DB_ENV, default_database_url
-
     _option(
         parser,
         "--db",
@@ -296,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser(
         "db",
         help="manage the history database (schema migrations)",
-        description="Manage the history database. `quotopia db upgrade` applies every "
-        "schema migration not yet applied; the recorder and Core also do this at start.",
+        description="Manage the history database: `quotopia db upgrade` applies every "
+        "schema migration not yet applied, `quotopia db current` says where it is.",
     )
     db_commands = db.add_subparsers(
         dest="db_command", required=True, metavar="ACTION", parser_class=_Parser

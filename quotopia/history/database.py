@@ -23,7 +23,6 @@ Settings a reader should know about:
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -38,6 +37,8 @@ from sqlalchemy import event, make_url, text
 from sqlalchemy.engine import URL, Connection, Engine, create_engine
 from sqlalchemy.exc import ArgumentError
 
+from quotopia.history import DB_ENV, default_database_url
+
 __all__ = [
     "DB_ENV",
     "Database",
@@ -51,9 +52,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: The one environment variable every service that uses the database reads.
-DB_ENV: Final = "QUOTOPIA_DB"
-
 #: Words that turn history off where a service can run without it (Core).
 NO_DATABASE: Final = ("", "none", "off")
 
@@ -62,13 +60,6 @@ _PG_MIGRATION_LOCK: Final = 0x71756F74  # "quot"
 
 #: Seconds a SQLite connection waits for another process's write lock.
 _SQLITE_BUSY_TIMEOUT: Final = 30.0
-
-
-def default_database_url() -> str:
-    """SQLite in the user's data directory: ``$XDG_DATA_HOME/quotopia/quotes.db``
-    (``~/.local/share/quotopia/quotes.db`` when ``XDG_DATA_HOME`` is unset)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
-    return f"sqlite:///{Path(base, 'quotopia', 'quotes.db')}"
 
 
 def parse_database_url(text_url: str) -> URL | None:
