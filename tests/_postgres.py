@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from _procs import missing_server
 
 __all__ = ["Postgres", "find_pg_bin", "require_postgres", "running_postgres"]
 
@@ -56,12 +56,9 @@ def find_pg_bin() -> Path | None:
 def require_postgres() -> Path:
     """PostgreSQL's bin directory; missing, the test skips (fails under CI=true)."""
     found = find_pg_bin()
-    if found is not None:
-        return found
-    message = "PostgreSQL's initdb not found (Debian: apt-get install postgresql)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    if found is None:
+        missing_server("PostgreSQL's initdb not found (Debian: apt-get install postgresql)")
+    return found
 
 
 def _free_port() -> int:

@@ -20,11 +20,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import IO, TypeVar
+from typing import IO, NoReturn, TypeVar
+
+import pytest
 
 __all__ = [
     "QuotopiaProcess",
     "clean_env",
+    "missing_server",
     "wait_until",
 ]
 
@@ -45,6 +48,17 @@ def clean_env(**overrides: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(overrides)
     return env
+
+
+def missing_server(message: str, *, in_ci: str | None = None) -> NoReturn:
+    """End a test whose server or tool is missing: skip it with ``message``.
+
+    In CI (``CI=true``) fail it instead (with ``in_ci``, if given), since there a
+    skip would mean the checks silently never run: ``.ci/run`` installs them all.
+    """
+    if os.environ.get("CI") == "true":
+        pytest.fail(in_ci or message)
+    pytest.skip(message)
 
 
 def wait_until(

@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from _procs import missing_server
 from _services import DEADLINE, running_core, running_ft
 from playwright.sync_api import Browser, Page, ViewportSize, sync_playwright
 
@@ -54,9 +55,10 @@ WAIT_MS = DEADLINE * 1000
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
-        pytest.skip(f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+        missing_server(
+            f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)",
+            in_ci=f"{CHROMIUM} is missing: .ci/run installs Debian's chromium",
+        )
     # trio-asyncio (which Core's modules import, in other tests of this process)
     # installs its own event loop policy; Playwright's sync API needs asyncio's.
     policy = asyncio.get_event_loop_policy()

@@ -10,11 +10,11 @@ the same, but SQLAlchemy keeps it in each dialect's module.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, case, delete, func, literal, select, tuple_
+from sqlalchemy import BigInteger, Select, case, delete, func, literal, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.expression import ColumnElement
@@ -96,6 +96,12 @@ def insert_quotes(connection: Connection, batch: Sequence[StoredQuote]) -> int:
     return len(result.all())
 
 
+def _select_stored() -> Select[*tuple[Any, ...]]:
+    """A SELECT of the columns of :class:`StoredQuote`, in its fields' order, so a
+    row unpacks into one: ``StoredQuote(*row)``."""
+    return select(*(quotes.c[f.name] for f in fields(StoredQuote)))
+
+
 def _order_key(descending: bool) -> list[ColumnElement[Any]]:
     columns = (quotes.c.time_us, quotes.c.run_id, quotes.c.sequence)
     return [c.desc() for c in columns] if descending else list(columns)
@@ -110,14 +116,7 @@ def history_page(
     rows to know that without a second query.
     """
     descending = query.order == "desc"
-    statement = select(
-        quotes.c.symbol,
-        quotes.c.run_id,
-        quotes.c.sequence,
-        quotes.c.time_us,
-        quotes.c.price,
-        quotes.c.change_percent,
-    ).where(quotes.c.symbol == query.symbol)
+    statement = _select_stored().where(quotes.c.symbol == query.symbol)
     if query.from_us is not None:
         statement = statement.where(quotes.c.time_us >= query.from_us)
     if query.to_us is not None:
@@ -205,14 +204,7 @@ def latest_per_symbol(connection: Connection, names: Iterable[str]) -> dict[str,
     latest: dict[str, StoredQuote] = {}
     for name in names:
         row = connection.execute(
-            select(
-                quotes.c.symbol,
-                quotes.c.run_id,
-                quotes.c.sequence,
-                quotes.c.time_us,
-                quotes.c.price,
-                quotes.c.change_percent,
-            )
+            _select_stored()
             .where(quotes.c.symbol == name)
             .order_by(*_order_key(descending=True))
             .limit(1)
