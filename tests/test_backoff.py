@@ -21,7 +21,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quotopia.core.backoff import Backoff
+from quotopia.backoff import Backoff
 from quotopia.core.config import CoreConfig
 from quotopia.core.feed import FeedEnded, FeedStalled, supervise_feed
 from quotopia.core.store import QuoteStore

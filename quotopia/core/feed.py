@@ -20,8 +20,8 @@ from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from quotopia._proto import Quote, StreamQuotesRequest
+from quotopia.backoff import Backoff
 from quotopia.contract import SNAPSHOT_SIZE_KEY, STREAM_QUOTES
-from quotopia.core.backoff import Backoff
 from quotopia.core.config import CoreConfig
 from quotopia.core.store import QuoteStore
 
