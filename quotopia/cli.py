@@ -285,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
         "symbols one WebSocket may subscribe to; more closes it with code 1008",
         COUNT,
     )
+    _option(
+        core,
+        "--db",
+        DB_ENV,
+        default_database_url(),
+        "the history database the history routes read: sqlite:///PATH or "
+        "postgresql://USER:PASSWORD@HOST:PORT/NAME; none turns them off (503). Core never "
+        "creates nor migrates it: run `quotopia db upgrade`",
+    )
     core.add_argument(
         "--access-log",
         action=argparse.BooleanOptionalAction,
@@ -381,6 +390,7 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
                 ws_ping_timeout=args.ws_ping_timeout,
                 ws_max_subscriptions=args.ws_max_subscriptions,
             ),
+            database=args.db,
         )
         if core_config.workers > 1:
             from quotopia.core.workers import run_workers

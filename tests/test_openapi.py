@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
@@ -35,13 +38,19 @@ from jsonschema import Draft202012Validator, FormatChecker
 from openapi_spec_validator import OpenAPIV31SpecValidator
 from quart.typing import TestClientProtocol as Client
 from quart_trio import QuartTrio
+from sqlalchemy import create_engine
+from sqlalchemy.engine import URL
 
 from quotopia import __version__
 from quotopia.core.app import create_app
 from quotopia.core.config import PushLimits
+from quotopia.core.history import HistoryReader
 from quotopia.core.openapi import STATIC_FOLDER
 from quotopia.core.push.hub import PushHub
 from quotopia.core.store import QuoteStore
+from quotopia.history import queries
+from quotopia.history.database import parse_database_url, upgrade
+from quotopia.history.queries import StoredQuote
 from quotopia.telemetry.probes import Lifecycle
 
 pytestmark = pytest.mark.anyio
@@ -61,6 +70,8 @@ PATHS = {
     "/quotes": "/quotes",
     "/quotes/{symbol}": "/quotes/BTC",
     "/quotes/{symbol}/recent": "/quotes/BTC/recent",
+    "/quotes/{symbol}/history": "/quotes/BTC/history",
+    "/quotes/{symbol}/candles": "/quotes/BTC/candles?interval=1m",
     # A stream never ends: requests here are those answered at once.
     "/quotes/stream": "/quotes/stream?symbols=DOGE",
     "/ws": "/ws",
@@ -125,6 +136,35 @@ CASES = [
     Case("empty", "GET", "/system", "/system", 200),
     Case("fed", "GET", "/quotes/btc/recent", "/quotes/{symbol}/recent", 200),
     Case("fed", "GET", "/quotes/DOGE/recent", "/quotes/{symbol}/recent", 404),
+    # History: pages (one with a next cursor), candles, and each of their errors.
+    *(
+        Case(
+            state,
+            "GET",
+            f"/quotes/{path}",
+            "/quotes/{symbol}/" + path.split("?")[0].split("/")[1],
+            status,
+        )
+        for state, path, status in [
+            ("history", "btc/history?limit=2", 200),
+            ("history", "BTC/history?order=asc&from=2020-01-01T00:00:00Z", 200),
+            ("history", "OLD/history", 200),  # only the database has it
+            ("history", "btc/candles?interval=1m", 200),
+            ("history", "btc/history?limit=0", 400),
+            ("history", "btc/history?from=noon", 400),
+            ("history", "btc/history?cursor=nope", 400),
+            ("history", "btc/candles", 400),
+            ("history", "btc/candles?interval=2m", 400),
+            ("history", "DOGE/history", 404),
+            ("history", "DOGE/candles?interval=1h", 404),
+            ("fed", "BTC/history", 503),
+            ("fed", "BTC/candles?interval=1m", 503),
+            ("no schema", "BTC/history", 503),
+            ("no schema", "BTC/candles?interval=1m", 503),
+            ("unreachable", "BTC/history", 503),
+            ("unreachable", "BTC/candles?interval=1d", 503),
+        ]
+    ),
     # A stream that ends at once: Core is shutting down.
     Case("closing", "GET", "/quotes/stream", "/quotes/stream", 200),
     Case("fed", "GET", "/quotes/stream?symbols=BTC,doge", "/quotes/stream", 400),
@@ -139,14 +179,22 @@ CASES = [
 ]
 
 
-def core_in(state: str) -> QuartTrio:
+def core_in(state: str, stack: ExitStack | None = None, tmp: Path | None = None) -> QuartTrio:
     """Core's app, in ``state``.
 
-    ``empty``: no feed yet. ``fed``: a snapshot of three quotes. ``feed down``: fed,
-    then the feed was lost. ``starting``, ``draining``: the lifecycle's phases.
-    ``closing``: fed, and the push hub closed (as on shutdown: event streams end).
-    ``broken``: every request fails on a bug.
+    ``empty``: no feed yet. ``fed``: a snapshot of three quotes (and no history
+    database). ``feed down``: fed, then the feed was lost. ``starting``,
+    ``draining``: the lifecycle's phases. ``closing``: fed, and the push hub closed
+    (as on shutdown: event streams end). ``broken``: every request fails on a bug.
+    With a history database (in ``tmp``, its resources closed by ``stack``), fed:
+    ``history`` (migrated, quotes of BTC and OLD in it), ``no schema`` (a SQLite
+    file that does not exist), ``unreachable`` (PostgreSQL on a port that refuses).
     """
+    history = None
+    if state in HISTORY_STATES:
+        assert stack is not None
+        assert tmp is not None
+        history = stack.enter_context(HistoryReader(history_url(state, stack, tmp)))
     store = QuoteStore()
     lifecycle = Lifecycle()
     if state != "starting":
@@ -165,7 +213,9 @@ def core_in(state: str) -> QuartTrio:
     hub = PushHub(store, PushLimits())
     if state == "closing":
         hub.close()
-    app = create_app(store, lifecycle=lifecycle, hub=hub, ft_addr="127.0.0.1:50051")
+    app = create_app(
+        store, lifecycle=lifecycle, hub=hub, ft_addr="127.0.0.1:50051", history=history
+    )
     if state == "broken":
 
         @app.before_request
@@ -173,6 +223,36 @@ def core_in(state: str) -> QuartTrio:
             raise RuntimeError("a bug, on purpose")
 
     return app
+
+
+HISTORY_STATES = frozenset({"history", "no schema", "unreachable"})
+
+
+def history_url(state: str, stack: ExitStack, tmp: Path) -> URL:
+    """The history database of ``state`` (see :func:`core_in`)."""
+    if state == "unreachable":
+        refusing = stack.enter_context(socket.socket())
+        refusing.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        text = f"postgresql://quotopia@127.0.0.1:{refusing.getsockname()[1]}/quotopia"
+    else:
+        text = f"sqlite:///{tmp / 'history.db'}"
+    url = parse_database_url(text)
+    assert url is not None
+    if state == "history":
+        upgrade(url)
+        now_us = time.time_ns() // 1000
+        rows = [
+            StoredQuote(symbol, 2**63 - 1, n, now_us - (10 - n) * 1_000_000, 100.0 + n, 0.01)
+            for symbol in ("BTC", "OLD")
+            for n in range(1, 6)
+        ]
+        engine = create_engine(url)
+        try:
+            with engine.begin() as connection:
+                queries.insert_quotes(connection, rows)
+        finally:
+            engine.dispose()
+    return url
 
 
 async def document(client: Client) -> dict[str, Any]:
@@ -274,10 +354,11 @@ async def test_the_symbol_has_an_example(spec: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-async def test_answers_match_the_document(spec: dict[str, Any], case: Case) -> None:
-    client = core_in(case.state).test_client()
-    send = {"GET": client.get, "POST": client.post}[case.method]
-    response = await send(case.path, headers=dict(case.headers))
+async def test_answers_match_the_document(spec: dict[str, Any], case: Case, tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        client = core_in(case.state, stack, tmp_path).test_client()
+        send = {"GET": client.get, "POST": client.post}[case.method]
+        response = await send(case.path, headers=dict(case.headers))
     body = await response.get_data(as_text=False)
     assert response.status_code == case.status, body
     headers = dict(response.headers)
@@ -359,9 +440,13 @@ def fetch(
 
 
 @pytest.fixture(scope="module")
-def core() -> Iterator[Service]:
-    """A real Core, fed by a real FT, once it is ready (it has FT's snapshot)."""
-    with running_ft() as ft, running_core(ft.port) as core:
+def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A real Core, fed by a real FT, once it is ready (it has FT's snapshot), with a
+    history database that holds a few quotes."""
+    with ExitStack() as stack:
+        url = history_url("history", stack, tmp_path_factory.mktemp("history"))
+    db = url.render_as_string(hide_password=False).replace("sqlite+pysqlite", "sqlite")
+    with running_ft() as ft, running_core(ft.port, "--db", db) as core:
         base = f"http://127.0.0.1:{core.port}"
         wait_until(lambda: fetch(f"{base}/readyz")[0] == 200, DEADLINE, what="Core ready")
         yield core
@@ -387,6 +472,13 @@ def test_a_real_core_answers_as_documented(core: Service) -> None:
         ("POST", "/quotes", "/quotes", {}),
         ("DELETE", "/quotes/BTC", "/quotes/{symbol}", {}),
         ("GET", "/quotes/BTC", "/quotes/{symbol}", TOO_LARGE),
+        ("GET", "/quotes/OLD/history?limit=2&order=asc", "/quotes/{symbol}/history", {}),
+        ("GET", "/quotes/btc/history?limit=1001", "/quotes/{symbol}/history", {}),
+        ("GET", "/quotes/btc/history?cursor=x", "/quotes/{symbol}/history", {}),
+        ("GET", "/quotes/DOGE/history", "/quotes/{symbol}/history", {}),
+        ("GET", "/quotes/old/candles?interval=1s", "/quotes/{symbol}/candles", {}),
+        ("GET", "/quotes/btc/candles?interval=1w", "/quotes/{symbol}/candles", {}),
+        ("GET", "/quotes/DOGE/candles?interval=1m", "/quotes/{symbol}/candles", {}),
     ]
     for method, path, template, headers in requests:
         status, answer_headers, body = fetch(base + path, method, headers)
@@ -474,5 +566,5 @@ def test_schemathesis_finds_nothing(core: Service, tmp_path: Path) -> None:
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert re.search(r"Tested: 11\b", output), output
+    assert re.search(r"Tested: 13\b", output), output
     assert re.search(r"\d+ generated, \d+ passed", output), output

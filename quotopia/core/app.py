@@ -29,11 +29,24 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from quotopia.core.config import PushLimits
+from quotopia.core.history import (
+    HistoryReader,
+    HistoryUnavailable,
+    candles_body,
+    page_body,
+    storable,
+)
 from quotopia.core.metrics import CoreMetrics
 from quotopia.core.openapi import (
     STATIC_FOLDER,
     Alive,
+    BadParameter,
+    CandleParameters,
+    Candles,
     Health,
+    HistoryPage,
+    HistoryParameters,
+    HistoryUnavailableBody,
     MetricsText,
     NotReady,
     Page,
@@ -46,6 +59,7 @@ from quotopia.core.openapi import (
     SystemMap,
     UpgradeRequired,
     Version,
+    document_query,
     document_stream,
     documented,
     serve_docs,
@@ -56,6 +70,7 @@ from quotopia.core.push.sse import SseStream
 from quotopia.core.push.ws import serve_websocket
 from quotopia.core.store import QuoteStore
 from quotopia.core.system import SystemView
+from quotopia.history.request import ParameterError, candle_query, history_query
 from quotopia.telemetry.metrics import build_info, exposition
 from quotopia.telemetry.probes import LIVE, Lifecycle, ProbeAnswer
 
@@ -86,6 +101,7 @@ def create_app(
     hub: PushHub | None = None,
     *,
     ft_addr: str = "?",
+    history: HistoryReader | None = None,
 ) -> QuartTrio:
     """Build the app. It only reads ``store``; the feed consumer writes it.
 
@@ -94,7 +110,8 @@ def create_app(
     and WebSocket); without one, a hub of the app's own with the default limits,
     whose watcher (heartbeats, slow clients) is not running. ``metrics`` is what
     ``/metrics`` shows; without it, a registry of the app's own. ``ft_addr`` is
-    where FT is, for the system map.
+    where FT is, for the system map. ``history`` is the history database the
+    history routes read; without one, they answer 503.
     """
     if lifecycle is None:
         lifecycle = Lifecycle()
@@ -106,6 +123,7 @@ def create_app(
     if metrics is None:
         metrics = CoreMetrics(store, ready=lambda: readiness(serving, store).ok, hub=push)
     registry = metrics.registry
+    stored = history if history is not None else HistoryReader(None)
     measured = metrics
     system = SystemView(store, push, ft_addr)
     info = build_info("core")
@@ -273,6 +291,69 @@ def create_app(
         body = head[:-1] + ', "quotes": [' + held + "]}"
         return Response(body, content_type="application/json")
 
+    @app.get("/quotes/<symbol>/history")
+    @document_query(HistoryParameters)
+    @documented(
+        "history",
+        {200: HistoryPage, 400: BadParameter, 404: SymbolNotFound, 503: HistoryUnavailableBody},
+    )
+    async def quote_history(symbol: str) -> Response:
+        """A symbol's stored quotes, a page at a time, from the history database.
+
+        Newest first (`order=desc`, the default) or oldest first (`order=asc`),
+        `limit` per page (100 unless asked, at most 1000), within `from` (inclusive)
+        and `to` (exclusive) if given. For the next page, send `next_cursor` back as
+        `cursor` with the same `order`; `null` means this page is the last. Pages
+        are keyset pages: quotes stored meanwhile never shift them, and no quote
+        comes twice.
+        """
+        name, known = _symbol(store, symbol)
+        try:
+            query = history_query(name, _arguments(("from", "to", "limit", "order", "cursor")))
+        except ParameterError as error:
+            return _bad_parameter(error)
+        if not known and not storable(name):
+            return _json({"error": "not found", "symbol": symbol}, 404)
+        try:
+            page = await stored.page(query, known=known)
+        except HistoryUnavailable as unavailable:
+            return _history_unavailable(unavailable)
+        if page is None:
+            return _json({"error": "not found", "symbol": symbol}, 404)
+        return _json(page_body(query, *page))
+
+    @app.get("/quotes/<symbol>/candles")
+    @document_query(CandleParameters)
+    @documented(
+        "history",
+        {200: Candles, 400: BadParameter, 404: SymbolNotFound, 503: HistoryUnavailableBody},
+    )
+    async def quote_candles(symbol: str) -> Response:
+        """Open, high, low and close of a symbol's stored quotes, per interval.
+
+        `interval` is one of `1s`, `1m`, `5m`, `1h`, `1d`; buckets are aligned to
+        whole intervals since the Unix epoch (UTC). The window is `from` (rounded
+        down to an interval) to `to` (rounded up; default: now), at most 1000
+        intervals; without `from`, the 60 intervals up to `to`. Intervals without
+        quotes have no candle. Oldest first.
+        """
+        name, known = _symbol(store, symbol)
+        try:
+            query = candle_query(
+                name, _arguments(("interval", "from", "to")), time.time_ns() // 1000
+            )
+        except ParameterError as error:
+            return _bad_parameter(error)
+        if not known and not storable(name):
+            return _json({"error": "not found", "symbol": symbol}, 404)
+        try:
+            found = await stored.candles(query, known=known)
+        except HistoryUnavailable as unavailable:
+            return _history_unavailable(unavailable)
+        if found is None:
+            return _json({"error": "not found", "symbol": symbol}, 404)
+        return _json(candles_body(query, found))
+
     @app.get("/quotes/<symbol>")
     @documented("quotes", {200: Quote, 404: QuoteNotFound})
     async def quote(symbol: str) -> Response:
@@ -312,6 +393,33 @@ def _path() -> str:
     handshake (a handshake to a path that is no WebSocket route gets the same JSON
     errors as any request)."""
     return websocket.path if has_websocket_context() else request.path
+
+
+def _symbol(store: QuoteStore, symbol: str) -> tuple[str, bool]:
+    """``symbol`` canonically spelled, and whether the store has it. A symbol the
+    store does not have is looked for in the database in upper case, as FT spells
+    every symbol."""
+    found = store.get(symbol)
+    return (symbol.upper(), False) if found is None else (found.symbol, True)
+
+
+def _arguments(names: tuple[str, ...]) -> dict[str, str]:
+    """The query's parameters (the first value of each); an unknown one is a
+    :class:`ParameterError`, so that a typo (``form=``) is not silently ignored."""
+    for name in request.args:
+        if name not in names:
+            raise ParameterError(name, f"unknown parameter: this route takes {', '.join(names)}")
+    return request.args.to_dict()
+
+
+def _bad_parameter(error: ParameterError) -> Response:
+    return _json(
+        {"error": "bad parameter", "parameter": error.parameter, "detail": error.detail}, 400
+    )
+
+
+def _history_unavailable(unavailable: HistoryUnavailable) -> Response:
+    return _json({"error": "history unavailable", "detail": unavailable.detail}, 503)
 
 
 def _selected_symbols(store: QuoteStore, values: list[str]) -> list[str] | Response | None:

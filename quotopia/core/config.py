@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from quotopia.addresses import parse_address
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 __all__ = ["CoreConfig", "PushLimits", "parse_address"]
-
-
-def parse_address(addr: str) -> tuple[str, int]:
-    """Split ``"host:port"`` (or ``"[::1]:port"``) and validate it."""
-    host, sep, port_text = addr.strip().rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        raise ValueError(f"bad address {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:50051")
-    return host, int(port_text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +73,10 @@ class CoreConfig:
     access_log: bool = False
     #: The push protocols' timings and bounds (SSE and WebSocket).
     push: PushLimits = field(default_factory=PushLimits)
+    #: The history database Core reads (``sqlite:///PATH``, ``postgresql://...``);
+    #: None (or ``"none"``): no history, the history routes answer 503. Core only
+    #: reads it: it never migrates it, nor creates a SQLite file.
+    database: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -96,6 +97,19 @@ class CoreConfig:
             raise ValueError(f"shutdown delay must be >= 0 seconds, got {self.shutdown_delay}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.database is not None:
+            from quotopia.history.database import parse_database_url
+
+            parse_database_url(self.database)  # ValueError: a one-line message
+
+    @property
+    def database_url(self) -> URL | None:
+        """:attr:`database`, parsed (None: no history)."""
+        if self.database is None:
+            return None
+        from quotopia.history.database import parse_database_url
+
+        return parse_database_url(self.database)
 
     @property
     def ft_host_port(self) -> tuple[str, int]:

@@ -38,10 +38,17 @@ __all__ = [
     "STATIC_FOLDER",
     "TAGS",
     "Alive",
+    "BadParameter",
+    "Candle",
+    "CandleParameters",
+    "Candles",
     "CoreOpenAPI",
     "EventStream",
     "Feed",
     "Health",
+    "HistoryPage",
+    "HistoryParameters",
+    "HistoryUnavailableBody",
     "InternalError",
     "MapLink",
     "MapNode",
@@ -65,6 +72,7 @@ __all__ = [
     "UnknownSymbols",
     "UpgradeRequired",
     "Version",
+    "document_query",
     "document_stream",
     "documented",
     "serve_docs",
@@ -79,6 +87,7 @@ _SWAGGER_UI = "static/swagger-ui"
 TAGS = [
     Tag(name="quotes", description="The latest prices, as FT's feed brought them."),
     Tag(name="health", description="Liveness, readiness and the state of the feed."),
+    Tag(name="history", description="Stored quotes and candles, from the history database."),
     Tag(name="push", description="Every quote as Core receives it: Server-Sent Events."),
     Tag(name="dashboard", description="The live dashboard and the system map it draws."),
     Tag(name="service", description="Build information and Prometheus metrics."),
@@ -282,6 +291,116 @@ class RecentQuotes(_Body):
     quotes: list[StreamedQuote]
 
 
+INTERVAL_NAMES = Literal["1s", "1m", "5m", "1h", "1d"]
+
+_TIME_TEXT = "RFC 3339 with a UTC offset (`2026-12-02T18:00:00Z`) or Unix seconds (`1764698400.25`)"
+
+
+class HistoryQuote(_Body):
+    """A stored quote: the fields of the push protocols' quotes, and the FT run's id."""
+
+    symbol: str
+    price: float
+    time: datetime = Field(description="When FT generated the price: RFC 3339, UTC, milliseconds.")
+    change_percent: float
+    sequence: int = Field(ge=0, le=2**63 - 1, description="FT's sequence number in its run.")
+    run_id: str = Field(
+        pattern=r"^[1-9][0-9]{0,18}$",
+        description="Which FT run generated the quote (a 63-bit number, in decimal: more "
+        "than a JavaScript number holds). `(run_id, sequence)` names a quote for good.",
+    )
+
+
+class HistoryPage(_Body):
+    """One page of a symbol's stored quotes."""
+
+    symbol: str = Field(description="The canonical symbol.")
+    order: Literal["asc", "desc"]
+    quotes: list[HistoryQuote]
+    next_cursor: str | None = Field(
+        description="Send it back as `cursor` (with the same `order`) for the next page; "
+        "`null`: this page is the last."
+    )
+
+
+class Candle(_Body):
+    """One interval's open, high, low and close, and how many quotes it holds."""
+
+    time: datetime = Field(description="The interval's start: RFC 3339, UTC, milliseconds.")
+    open: float
+    high: float
+    low: float
+    close: float
+    count: int = Field(ge=1)
+
+
+class Candles(_Body):
+    """A symbol's candles over a window, oldest first; intervals without quotes left out."""
+
+    symbol: str = Field(description="The canonical symbol.")
+    interval: INTERVAL_NAMES
+    from_: datetime = Field(alias="from", description="The window's start, inclusive.")
+    to: datetime = Field(description="The window's end, exclusive.")
+    candles: list[Candle]
+
+
+class BadParameter(_Body):
+    """A query parameter Core cannot take; `parameter` names it."""
+
+    error: Literal["bad parameter"]
+    parameter: str
+    detail: str
+
+
+class HistoryUnavailableBody(_Body):
+    """No history now: no database configured, no schema in it, or no reaching it."""
+
+    model_config = ConfigDict(extra="forbid", title="HistoryUnavailable")
+
+    error: Literal["history unavailable"]
+    detail: str
+
+
+class HistoryParameters(BaseModel):
+    from_: str | None = Field(
+        default=None,
+        alias="from",
+        description=f"Quotes from this time on (inclusive): {_TIME_TEXT}.",
+        examples=["2026-12-02T18:00:00Z"],
+    )
+    to: str | None = Field(
+        default=None,
+        description=f"Quotes before this time (exclusive): {_TIME_TEXT}.",
+        examples=["2026-12-02T19:00:00Z"],
+    )
+    limit: int | None = Field(
+        default=None, ge=1, le=1000, description="Quotes per page: 1 to 1000, 100 if absent."
+    )
+    order: Literal["asc", "desc"] | None = Field(
+        default=None, description="`desc` (newest first, the default) or `asc` (oldest first)."
+    )
+    cursor: str | None = Field(
+        default=None,
+        description="The `next_cursor` of the previous page (of the same symbol and order).",
+    )
+
+
+class CandleParameters(BaseModel):
+    interval: INTERVAL_NAMES = Field(description="The width of a candle.")
+    from_: str | None = Field(
+        default=None,
+        alias="from",
+        description=f"The window's start, rounded down to an interval: {_TIME_TEXT}. "
+        "Default: 60 intervals before `to`.",
+        examples=["2026-12-02T18:00:00Z"],
+    )
+    to: str | None = Field(
+        default=None,
+        description=f"The window's end, rounded up to an interval: {_TIME_TEXT}. Default: now.",
+        examples=["2026-12-02T19:00:00Z"],
+    )
+
+
 class MapNode(_Body):
     """A service, and how it is doing."""
 
@@ -371,6 +490,11 @@ def documented(
     return decorate
 
 
+def document_query(model: type[BaseModel]) -> Callable[[F], F]:
+    """Describe a route's query parameters by ``model``'s fields (documentation only)."""
+    return document_querystring(model)
+
+
 def document_stream(route: F) -> F:
     """Describe ``GET /quotes/stream``: its query, its header, its answers."""
     route = document_querystring(StreamQuery)(route)
@@ -399,6 +523,18 @@ class CoreOpenAPI(OpenAPIProvider):
                 if not operation["parameters"]:
                     del operation["parameters"]
         return paths, components
+
+    def build_querystring_parameters(
+        self, model: type[Model]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        parameters, components = super().build_querystring_parameters(model)
+        # quart-schema reads "required" from each property, where JSON Schema never puts it.
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            required = set(model.model_json_schema().get("required", ()))
+            for parameter in parameters:
+                if parameter["name"] in required:
+                    parameter["required"] = True
+        return parameters, components
 
     def build_path_parameter(self, name: str, converter: BaseConverter) -> dict[str, Any]:
         return super().build_path_parameter(name, converter) | PATH_PARAMETERS.get(name, {})

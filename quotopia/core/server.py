@@ -10,7 +10,8 @@
             ├─ hypercorn.trio.serve .. the quart-trio app behind PreparedQuotes (the two
             │                          hot GETs); returns on shutdown_trigger
             │    └─ one task per request; a push connection (SSE, WebSocket) reads
-            │       the hub until it ends
+            │       the hub until it ends; a history request waits for its query in
+            │       a worker thread (HistoryReader)
             ├─ supervise_feed ........ reconnect loop → one gRPC session → store
             ├─ hub.deliver ........... each tick, straight to every event stream that keeps up
             └─ hub.watch ............. once a second: SSE heartbeats, slow push clients
@@ -40,6 +41,7 @@ from hypercorn.typing import ASGIFramework
 from quotopia.core.app import PreparedQuotes, create_app
 from quotopia.core.config import CoreConfig
 from quotopia.core.feed import Session, grpc_session, supervise_feed
+from quotopia.core.history import HistoryReader
 from quotopia.core.http import (
     FinishResponses,
     abort_connections,
@@ -83,7 +85,8 @@ async def serve(
     lifecycle = Lifecycle()
     hub = PushHub(store, config.push, cut=cut_connection)
     metrics = CoreMetrics(store, ready=lambda: readiness(lifecycle, store).ok, hub=hub)
-    quart_app = create_app(store, metrics, lifecycle, hub, ft_addr=config.ft_addr)
+    history = HistoryReader(config.database_url)
+    quart_app = create_app(store, metrics, lifecycle, hub, ft_addr=config.ft_addr, history=history)
     app = MeasureRequests(
         FinishResponses(PreparedQuotes(quart_app, store)),
         metrics,
@@ -97,35 +100,41 @@ async def serve(
     if listener is not None:
         # hypercorn wraps the descriptor in a socket of its own, which then owns it.
         hypercorn_config.bind = [f"fd://{listener.detach()}"]
-    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        try:
-            binds = await nursery.start(
-                _serve_http,
-                app,
-                hypercorn_config,
-                _draining_first(shutdown_trigger, lifecycle, config.shutdown_delay, hub),
-                nursery.cancel_scope,
-            )
-        except* OSError as group:
-            raise StartupError(
-                f"cannot listen on {config.host}:{config.port}: {describe_os_error(group)}"
-            ) from None
-        port = int(binds[0].rsplit(":", 1)[1])
-        if listener is None:
-            logger.info(
-                "Core listening on http://%s:%d, feed from FT at %s",
-                config.host,
-                port,
-                config.ft_addr,
-            )
-        else:
-            # The parent announces the port, once for all its workers.
-            logger.info("serving port %d, feed from FT at %s", port, config.ft_addr)
-        nursery.start_soon(partial(supervise_feed, config, store, session=session))
-        nursery.start_soon(hub.watch)
-        nursery.start_soon(hub.deliver)
-        lifecycle.serving()
-        task_status.started(port)
+    # Leaving it closes the history database's pooled connections.
+    with history:
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            try:
+                binds = await nursery.start(
+                    _serve_http,
+                    app,
+                    hypercorn_config,
+                    _draining_first(shutdown_trigger, lifecycle, config.shutdown_delay, hub),
+                    nursery.cancel_scope,
+                )
+            except* OSError as group:
+                raise StartupError(
+                    f"cannot listen on {config.host}:{config.port}: {describe_os_error(group)}"
+                ) from None
+            port = int(binds[0].rsplit(":", 1)[1])
+            if listener is None:
+                logger.info(
+                    "Core listening on http://%s:%d, feed from FT at %s",
+                    config.host,
+                    port,
+                    config.ft_addr,
+                )
+            else:
+                # The parent announces the port, once for all its workers.
+                logger.info("serving port %d, feed from FT at %s", port, config.ft_addr)
+            if history.configured:
+                logger.info("history from %s (read only)", history.describe())
+            else:
+                logger.info("no history database: the history routes answer 503")
+            nursery.start_soon(partial(supervise_feed, config, store, session=session))
+            nursery.start_soon(hub.watch)
+            nursery.start_soon(hub.deliver)
+            lifecycle.serving()
+            task_status.started(port)
     logger.info("Core stopped")
 
 

@@ -23,9 +23,11 @@ Settings a reader should know about:
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar
+from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
@@ -103,16 +105,33 @@ def describe_url(url: URL) -> str:
     return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
 
 
-def _create_engine(url: URL, *, pool_size: int, migrating: bool = False) -> Engine:
-    """An engine for ``url`` with Quotopia's settings (see the module docstring)."""
+def _create_engine(
+    url: URL, *, pool_size: int, migrating: bool = False, create: bool = True
+) -> Engine:
+    """An engine for ``url`` with Quotopia's settings (see the module docstring).
+
+    ``create=False`` never makes a SQLite file (nor its directory): connecting to
+    a missing one fails instead, as a reader that only reads wants.
+    """
     if url.get_backend_name() == "sqlite":
         assert url.database is not None
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(url.database)
+        options: dict[str, Any] = {}
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            # A URI with mode=rw opens an existing file (read-write: WAL needs it)
+            # or fails; a plain path would create it.
+            uri = f"file:{quote(str(path.absolute()))}?mode=rw"
+            options["creator"] = lambda: sqlite3.connect(
+                uri, uri=True, timeout=_SQLITE_BUSY_TIMEOUT, check_same_thread=False
+            )
         engine = create_engine(
             url,
             connect_args={"timeout": _SQLITE_BUSY_TIMEOUT, "check_same_thread": False},
             pool_size=pool_size,
             max_overflow=0,
+            **options,
         )
         begin = "BEGIN IMMEDIATE" if migrating else "BEGIN"
 
@@ -197,7 +216,9 @@ class Database:
     """A connection pool to the history database, used from async code.
 
     :meth:`run` calls a blocking function with a connection in a worker thread
-    and at most ``pool_size`` at a time, on either AnyIO backend.
+    and at most ``pool_size`` at a time, on either AnyIO backend. With
+    ``create=False`` (a reader: Core) a SQLite database that does not exist is
+    not created, its directory neither: a statement fails instead.
 
     Resource handling: :meth:`close` (or ``with``) closes every pooled connection.
     Cancellation: a statement already running in its thread is not interrupted;
@@ -205,10 +226,10 @@ class Database:
     or rolled back, never left half-done.
     """
 
-    def __init__(self, url: URL, *, pool_size: int = 4) -> None:
+    def __init__(self, url: URL, *, pool_size: int = 4, create: bool = True) -> None:
         self.url = url
         self.dialect = url.get_backend_name()
-        self._engine = _create_engine(url, pool_size=pool_size)
+        self._engine = _create_engine(url, pool_size=pool_size, create=create)
         self._limiter = anyio.CapacityLimiter(pool_size)
 
     def __enter__(self) -> Database:

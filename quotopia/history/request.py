@@ -181,6 +181,8 @@ def candle_query(symbol: str, args: dict[str, str], now_us: int) -> CandleQuery:
     end = -(-to_us_ // width) * width  # rounded up, in integers
     start = max(0, end - DEFAULT_CANDLES * width) if from_us is None else from_us - from_us % width
     end = max(end, start + width)  # from == to: the one bucket that holds them
+    if end > _LATEST_US:
+        raise ParameterError("to", "is out of range: the last candle would end after 9999")
     if (end - start) // width > MAX_CANDLES:
         raise ParameterError(
             "from",

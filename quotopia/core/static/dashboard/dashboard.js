@@ -1,7 +1,10 @@
 // Quotopia's dashboard: prices and the system map, pushed by Core.
 //
-// On load: every symbol's recent quotes (GET quotes/SYMBOL/recent) fill the
-// charts; then one event stream (GET quotes/stream) brings every quote and every
+// On load: every symbol's last ten minutes fill the charts, from the history
+// database (GET quotes/SYMBOL/history, page after page) when Core has one, and
+// from the quotes Core holds itself (GET quotes/SYMBOL/recent), which also cover
+// whatever the database does not have yet, or everything when history answers
+// 503; then one event stream (GET quotes/stream) brings every quote and every
 // change of the feed's state, resumed after the last event the page holds, so
 // nothing is missed or shown twice. The map's boxes come from GET system, asked
 // every two seconds; the feed's state comes with the stream, at once.
@@ -15,6 +18,8 @@
   const SYSTEM_EVERY_MS = 2000;
   const BACKOFF_FIRST_MS = 1000;
   const BACKOFF_CAP_MS = 30000;
+  const HISTORY_PAGE = 1000; // the most Core gives per page
+  const HISTORY_PAGES = 20; // a bound: 20,000 quotes a chart at most
 
   const priceFormat = new Intl.NumberFormat("en-US", {
     minimumFractionDigits: 2,
@@ -130,6 +135,8 @@
       entry.prices.shift();
     }
     if (live && entry.first === null) entry.first = quote.price;
+    // The oldest time on the chart, for whoever looks at the page's state.
+    entry.element.dataset.since = new Date(Math.round(entry.times[0] * 1000)).toISOString();
     render(entry, quote);
   }
 
@@ -389,16 +396,50 @@
     page.retryTimer = setTimeout(connect, delay);
   }
 
+  // The stored quotes of ``symbol`` since ``since`` (a Date), oldest first, from
+  // Core's history database; null when Core has none to give (a 503: no database,
+  // or none reachable), and the page then does with what Core holds.
+  async function storedQuotes(symbol, since) {
+    const quotes = [];
+    let cursor = null;
+    for (let pages = 0; pages < HISTORY_PAGES; pages += 1) {
+      const query = new URLSearchParams({
+        from: since.toISOString(),
+        order: "asc",
+        limit: String(HISTORY_PAGE),
+      });
+      if (cursor) query.set("cursor", cursor);
+      const response = await fetch(`quotes/${encodeURIComponent(symbol)}/history?${query}`, {
+        cache: "no-store",
+      });
+      if (!response.ok) return pages === 0 ? null : quotes;
+      const body = await response.json();
+      quotes.push(...body.quotes);
+      cursor = body.next_cursor;
+      if (!cursor) break;
+    }
+    return quotes;
+  }
+
   async function loadHistory() {
     // What the charts start from. Without it (Core restarting, say) they start empty.
     try {
       const prices = await (await fetch("quotes", { cache: "no-store" })).json();
       let resumeAfter = null;
+      let historyWorks = true; // until it answers 503: then not asked again
       for (const symbol of Object.keys(prices).sort()) {
         const response = await fetch(`quotes/${encodeURIComponent(symbol)}/recent`, { cache: "no-store" });
         if (!response.ok) continue;
         const recent = await response.json();
         resumeAfter = resumeAfter || recent.last_event_id; // the earliest: miss nothing
+        if (historyWorks) {
+          const since = new Date(Date.now() - WINDOW_SECONDS * 1000);
+          const stored = await storedQuotes(symbol, since);
+          if (stored === null) historyWorks = false;
+          // Oldest first; addQuote skips what is not newer than the chart's last point,
+          // so Core's own quotes add only those the database does not have yet.
+          for (const quote of stored || []) addQuote(quote, false);
+        }
         for (const quote of recent.quotes) addQuote(quote, false);
       }
       page.lastEventId = resumeAfter;
