@@ -21,6 +21,7 @@ from quotopia import __version__, logs
 from quotopia.errors import StartupError, first_leaf
 from quotopia.history import DB_ENV, default_database_url
 from quotopia.market import DEFAULT_SYMBOLS, parse_symbols
+from quotopia.recorder.config import parse_duration
 from quotopia.shutdown import shutdown_on_signals
 
 __all__ = ["build_parser", "main"]
@@ -108,9 +109,12 @@ def _log_format(text: str) -> str:
     return fmt
 
 
-def _env_flag(env: str) -> bool:
-    """An on/off environment variable; a bad value is a ValueError (exit status 2)."""
+def _env_flag(env: str, *, default: bool = False) -> bool:
+    """An on/off environment variable (unset: ``default``); a bad value is a
+    ValueError (exit status 2)."""
     word = os.environ.get(env, "").strip().lower()
+    if not word:
+        return default
     if word in ("1", "true", "yes", "on"):
         return True
     if word in ("0", "false", "no", "off", ""):
@@ -128,8 +132,8 @@ def _log_level(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="quotopia",
-        description="Quotopia: a gRPC price feed (ft), an HTTP quote service (core) "
-        "and their history database (db).",
+        description="Quotopia: a gRPC price feed (ft), an HTTP quote service (core), "
+        "the recorder that stores every quote (recorder) and its history database (db).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(
@@ -301,6 +305,90 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_logging(core)
 
+    recorder = commands.add_parser(
+        "recorder",
+        help="run the recorder, which writes every quote into the history database",
+        description="Run the recorder: read FT's stream and write every quote into the history "
+        "database, in batches, counting gaps. Applies the schema's migrations at start unless "
+        "--no-migrate. SIGTERM or Ctrl-C writes what is buffered and exits 0.",
+    )
+    _option(
+        recorder, "--host", "RECORDER_HOST", ALL_INTERFACES, "address of /metrics, /livez, /readyz"
+    )
+    _option(
+        recorder,
+        "--metrics-port",
+        "RECORDER_METRICS_PORT",
+        "8082",
+        "HTTP port of /metrics, /livez and /readyz; 0 picks a free one",
+        PORT,
+    )
+    _option(recorder, "--ft-addr", "FT_ADDR", "127.0.0.1:50051", "FT's address, HOST:PORT")
+    _add_database(recorder)
+    _option(
+        recorder,
+        "--batch-size",
+        "RECORDER_BATCH_SIZE",
+        "500",
+        "quotes per transaction, at most",
+        COUNT,
+    )
+    _option(
+        recorder,
+        "--flush-interval",
+        "RECORDER_FLUSH_INTERVAL",
+        "0.2",
+        "seconds a batch may wait to fill before it is written",
+        SECONDS,
+    )
+    _option(
+        recorder,
+        "--buffer",
+        "RECORDER_BUFFER",
+        "10000",
+        "quotes held for the database; when full, the recorder stops reading FT",
+        COUNT,
+    )
+    _option(
+        recorder,
+        "--retention",
+        "RECORDER_RETENTION",
+        "none",
+        "how long quotes are kept, e.g. 7d, 12h, 30m; none keeps them all",
+        _typed(parse_duration, "duration"),
+    )
+    recorder.add_argument(
+        "--migrate",
+        action=argparse.BooleanOptionalAction,
+        help="apply the schema's migrations at start; with --no-migrate, wait until "
+        "`quotopia db upgrade` has (env RECORDER_MIGRATE; default: on)",
+    )
+    _option(
+        recorder,
+        "--backoff-cap",
+        "RECORDER_BACKOFF_CAP",
+        "5",
+        "longest wait, in seconds, between attempts to reach FT or the database",
+        SECONDS,
+    )
+    _option(
+        recorder,
+        "--feed-timeout",
+        "RECORDER_FEED_TIMEOUT",
+        "5",
+        "seconds without data from FT before the feed counts as lost",
+        SECONDS,
+    )
+    _option(
+        recorder,
+        "--drain-timeout",
+        "RECORDER_DRAIN_TIMEOUT",
+        "5",
+        "on shutdown, seconds the buffered quotes get to reach the database",
+        SECONDS,
+    )
+    _add_logging(recorder)
+
     db = commands.add_parser(
         "db",
         help="manage the history database (schema migrations)",
@@ -320,14 +408,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser(
         "up",
-        help="run FT and Core together, for local use",
-        description="Start `quotopia ft` and `quotopia core` as child processes and prefix "
-        "their log lines. Each child also reads its own environment variables (see "
-        "`quotopia ft --help`, `quotopia core --help`). Ctrl-C or SIGTERM stops both.",
+        help="run FT, Core and the recorder together, for local use",
+        description="Start `quotopia ft`, then `quotopia core` and `quotopia recorder`, as "
+        "child processes and prefix their log lines. Core and the recorder share the history "
+        "database (--db). Each child also reads its own environment variables (see "
+        "`quotopia ft --help` and the others). Ctrl-C or SIGTERM stops Core and the recorder, "
+        "then FT.",
     )
     _option(up, "--ft-port", "FT_PORT", "50051", "FT's port", PORT)
     _option(up, "--core-port", "CORE_PORT", "8080", "Core's port", PORT)
     _option(up, "--ft-metrics-port", "FT_METRICS_PORT", "8081", "FT's metrics port", PORT)
+    _option(
+        up,
+        "--recorder-metrics-port",
+        "RECORDER_METRICS_PORT",
+        "8082",
+        "the recorder's metrics port",
+        PORT,
+    )
+    _add_database(up)
+    up.add_argument(
+        "--recorder",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the recorder, so Core's history API has quotes (default: on)",
+    )
     _add_logging(up)
     return parser
 
@@ -398,6 +503,29 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             return partial(run_workers, core_config, args.log_level, args.log_format)
         return _service(partial(serve_core, core_config), "core", "trio", args)
 
+    if args.command == "recorder":
+        from quotopia.recorder.config import RecorderConfig
+        from quotopia.recorder.service import serve as serve_recorder
+
+        recorder_config = RecorderConfig(
+            database=args.db,
+            ft_addr=args.ft_addr,
+            host=args.host,
+            metrics_port=args.metrics_port,
+            batch_size=args.batch_size,
+            flush_interval=args.flush_interval,
+            buffer=args.buffer,
+            retention=args.retention,
+            migrate=_env_flag("RECORDER_MIGRATE", default=True)
+            if args.migrate is None
+            else args.migrate,
+            backoff_cap=args.backoff_cap,
+            feed_timeout=args.feed_timeout,
+            drain_timeout=args.drain_timeout,
+        )
+        # grpclib is asyncio-only.
+        return _service(partial(serve_recorder, recorder_config), "recorder", "asyncio", args)
+
     if args.command == "db":
         return _database_command(args)
 
@@ -407,6 +535,9 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
         ft_port=args.ft_port,
         core_port=args.core_port,
         ft_metrics_port=args.ft_metrics_port,
+        recorder_metrics_port=args.recorder_metrics_port,
+        database=args.db,
+        recorder=args.recorder,
         log_level=args.log_level,
         log_format=args.log_format,
     )

@@ -1,16 +1,17 @@
-"""``quotopia up``: FT and Core as child processes, for local use.
+"""``quotopia up``: FT, Core and the recorder as child processes, for local use.
 
 Each child is the same command a container runs (``quotopia ft`` / ``quotopia
-core``), so what you see here is what you get in Docker. Their log lines are
-prefixed with the service's name. Ctrl-C, SIGTERM or SIGHUP stops both; if one
-child exits by itself, the other is stopped too and ``up`` exits non-zero.
+core`` / ``quotopia recorder``), so what you see here is what you get in Docker.
+Their log lines are prefixed with the service's name. Ctrl-C, SIGTERM or SIGHUP
+stops them all; if one child exits by itself, the others are stopped too and
+``up`` exits non-zero.
 
-Stopping goes in the reverse order of starting: Core first, then FT once Core has
-gone, so Core never sees its feed end and a clean stop logs no warning. For that
-the children run in sessions of their own: a Ctrl-C in a terminal signals the
-whole foreground process group, and would otherwise reach both children at once,
-before ``up`` could order anything. (So a closing terminal's SIGHUP reaches only
-``up`` too, which is why ``up`` handles it.)
+Stopping goes in the reverse order of starting: Core and the recorder first, then
+FT once both have gone, so neither sees its feed end and a clean stop logs no
+warning. For that the children run in sessions of their own: a Ctrl-C in a
+terminal signals the whole foreground process group, and would otherwise reach
+every child at once, before ``up`` could order anything. (So a closing
+terminal's SIGHUP reaches only ``up`` too, which is why ``up`` handles it.)
 """
 
 from __future__ import annotations
@@ -79,14 +80,14 @@ async def _stop(process: Process) -> None:
     await process.wait()
 
 
-async def _supervise(ft: list[str], core: list[str], env: dict[str, str]) -> int:
-    """Start FT, then Core once FT listens; on a signal, or when one exits, stop
-    Core, then FT."""
+async def _supervise(ft: list[str], readers: dict[str, list[str]], env: dict[str, str]) -> int:
+    """Start FT, then its readers (Core, the recorder) once FT listens, each given
+    ``--ft-addr``; on a signal, or when one exits, stop the readers, then FT."""
     exit_code = 0
     ft_port: int | None = None
     ft_ready = anyio.Event()
     stop_all = anyio.Event()
-    core_gone = anyio.Event()  # Core has exited, or never will start: FT may stop
+    readers_gone = anyio.Event()  # every reader has exited, or never will start
 
     def watch_ft(line: bytes) -> None:
         nonlocal ft_port
@@ -123,13 +124,18 @@ async def _supervise(ft: list[str], core: list[str], env: dict[str, str]) -> int
             exit_code = 1
             stop_all.set()
 
-    async def run_core() -> None:
+    async def run_reader(name: str, argv: list[str]) -> None:
+        await ft_ready.wait()
+        if not stop_all.is_set():
+            await run_child(name, [*argv, "--ft-addr", f"127.0.0.1:{ft_port}"], stop_all)
+
+    async def run_readers() -> None:
         try:
-            await ft_ready.wait()
-            if not stop_all.is_set():
-                await run_child("core", [*core, "--ft-addr", f"127.0.0.1:{ft_port}"], stop_all)
+            async with anyio.create_task_group() as tg:
+                for name, argv in readers.items():
+                    tg.start_soon(run_reader, name, argv)
         finally:
-            core_gone.set()
+            readers_gone.set()
 
     async def watch_signals(signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -137,7 +143,7 @@ async def _supervise(ft: list[str], core: list[str], env: dict[str, str]) -> int
             if stop_all.is_set():
                 _say(f"received {name}, already stopping")
             else:
-                _say(f"received {name}, stopping core, then ft")
+                _say(f"received {name}, stopping {' and '.join(readers)}, then ft")
                 stop_all.set()
 
     # The signal receiver stays open until the very end, so a second Ctrl-C while
@@ -146,10 +152,10 @@ async def _supervise(ft: list[str], core: list[str], env: dict[str, str]) -> int
         async with anyio.create_task_group() as outer:
             outer.start_soon(watch_signals, signals)
             async with anyio.create_task_group() as children:
-                children.start_soon(run_child, "ft", ft, core_gone, watch_ft)
-                children.start_soon(run_core)
+                children.start_soon(run_child, "ft", ft, readers_gone, watch_ft)
+                children.start_soon(run_readers)
                 await stop_all.wait()
-                ft_ready.set()  # release run_core if FT never got ready
+                ft_ready.set()  # release the readers if FT never got ready
             outer.cancel_scope.cancel()
     return exit_code
 
@@ -167,20 +173,31 @@ def run_up(
     log_level: str,
     log_format: str = "text",
     ft_metrics_port: int | None = None,
+    recorder_metrics_port: int | None = None,
+    database: str | None = None,
+    recorder: bool = True,
 ) -> int:
-    """Run FT and Core until a signal arrives or one of them exits; return the exit
-    status (0 after a signal, 1 if a child exited by itself).
+    """Run FT, Core and the recorder until a signal arrives or one of them exits;
+    return the exit status (0 after a signal, 1 if a child exited by itself).
 
-    Core starts once FT listens and is pointed at FT's real port, so ``--ft-port 0``
-    works too. Both children log at ``log_level`` in ``log_format``; FT serves its
-    metrics on ``ft_metrics_port`` (None: FT's own default).
+    Core and the recorder start once FT listens and are pointed at FT's real port,
+    so ``--ft-port 0`` works too. Every child logs at ``log_level`` in
+    ``log_format``. ``None`` leaves a setting to the child's own default (and its
+    environment variable): FT's and the recorder's metrics ports, and the history
+    database Core reads and the recorder writes.
     """
     me = [sys.executable, "-m", "quotopia"]
     logging_flags = ["--log-level", log_level, "--log-format", log_format]
+    db_flags = [] if database is None else ["--db", database]
     ft = [*me, "ft", "--port", str(ft_port), *logging_flags]
     if ft_metrics_port is not None:
         ft += ["--metrics-port", str(ft_metrics_port)]
-    core = [*me, "core", "--port", str(core_port), *logging_flags]
+    readers = {"core": [*me, "core", "--port", str(core_port), *db_flags, *logging_flags]}
+    if recorder:
+        readers["rec"] = [*me, "recorder", *db_flags, *logging_flags]
+        if recorder_metrics_port is not None:
+            readers["rec"] += ["--metrics-port", str(recorder_metrics_port)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    _say(f"starting ft on :{ft_port} and core on :{core_port} (Ctrl-C stops both)")
-    return anyio.run(_supervise, ft, core, env)
+    started = "core and the recorder" if recorder else "core"
+    _say(f"starting ft on :{ft_port}, then {started} (Ctrl-C stops them all)")
+    return anyio.run(_supervise, ft, readers, env)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from _procs import QuotopiaProcess, clean_env
+from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
     "CORE_READY",
@@ -42,6 +43,7 @@ __all__ = [
     "run_cli",
     "running_core",
     "running_ft",
+    "scrape",
     "stop",
     "usage_error",
 ]
@@ -177,6 +179,22 @@ def http_get(port: int, path: str) -> tuple[int, Any]:
     except urllib.error.HTTPError as error:
         with error:
             return error.code, json.load(error)
+
+
+#: One sample of an exposition: its name and its sorted labels.
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def scrape(port: int) -> dict[SampleKey, float]:
+    """Every sample of ``GET /metrics`` on ``port``, in the Prometheus text format."""
+    with _http.open(f"http://127.0.0.1:{port}/metrics", timeout=DEADLINE) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def quotes(port: int) -> dict[str, float]:

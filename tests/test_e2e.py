@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from _services import (
     btc,
     feed,
     ft_args,
+    http_get,
     quotes,
     run_cli,
     running_core,
@@ -141,35 +143,63 @@ def test_sigterm_stops_both_cleanly_and_quickly(ft: Service, core: Service) -> N
 # --- quotopia up -----------------------------------------------------------------
 
 
-def test_up_runs_both_and_stops_both_on_sigterm() -> None:
-    env = clean_env(FT_HOST="127.0.0.1", CORE_HOST="127.0.0.1", FT_METRICS_PORT="0")
-    with QuotopiaProcess("up", "--ft-port", "0", "--core-port", "0", env=env) as up:
+def _up_env(data: Path) -> dict[str, str]:
+    """Every child of ``quotopia up`` on loopback and free ports, its data in ``data``."""
+    return clean_env(
+        FT_HOST="127.0.0.1",
+        CORE_HOST="127.0.0.1",
+        RECORDER_HOST="127.0.0.1",
+        FT_METRICS_PORT="0",
+        RECORDER_METRICS_PORT="0",
+        XDG_DATA_HOME=str(data),
+    )
+
+
+def test_up_runs_all_three_with_history_out_of_the_box(tmp_path: Path) -> None:
+    with QuotopiaProcess("up", "--ft-port", "0", "--core-port", "0", env=_up_env(tmp_path)) as up:
         ft_port = up.wait_for_line(r"^ft   \| .*" + FT_READY, DEADLINE, stream="stdout")[1]
         ready = up.wait_for_line(r"^core \| .*" + CORE_READY, DEADLINE, stream="stdout")
         assert ready[2] == f"127.0.0.1:{ft_port}"
         core_port = int(ready[1])
+        recording = up.wait_for_line(
+            r"^rec  \| .*recording quotes from FT at (\S+) into (\S+)", DEADLINE, stream="stdout"
+        )
+        assert recording[1] == f"127.0.0.1:{ft_port}"
+        # The default database, in the data directory: no --db anywhere.
+        assert recording[2] == f"sqlite:///{tmp_path / 'quotopia' / 'quotes.db'}"
         wait_until(lambda: quotes(core_port) or None, DEADLINE, what="quotes through up")
+
+        def stored() -> list[dict[str, object]] | None:
+            status, body = http_get(core_port, "/quotes/BTC/history?limit=5")
+            return body["quotes"] if status == 200 and len(body["quotes"]) >= 2 else None
+
+        # FT's default tick is 1 s: two quotes of BTC are in the history within seconds.
+        history = wait_until(stored, DEADLINE, what="history through up")
+        assert [q["symbol"] for q in history] == ["BTC"] * len(history)
 
         assert up.terminate(DEADLINE) == 0, up.output()
         stdout = up.stdout_lines
         assert any(line.startswith("ft   | ") and "FT stopped" in line for line in stdout)
         assert any(line.startswith("core | ") and "Core stopped" in line for line in stdout)
+        assert any(line.startswith("rec  | ") and "recorder stopped" in line for line in stdout)
         assert up.stderr_lines == []
         no_traceback(up)
 
 
 @pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigint-to-up", "ctrl-c-in-a-terminal"])
-def test_up_stops_core_before_ft_so_a_clean_stop_warns_of_nothing(ctrl_c: bool) -> None:
+def test_up_stops_core_and_recorder_before_ft_so_a_clean_stop_warns_of_nothing(
+    ctrl_c: bool, tmp_path: Path
+) -> None:
     # Were FT and Core stopped at the same moment, Core could see its feed end first
     # and warn "feed lost". A terminal's Ctrl-C signals the whole foreground process
     # group; with ctrl_c, up leads a group of its own and the test signals all of it.
-    env = clean_env(FT_HOST="127.0.0.1", CORE_HOST="127.0.0.1", FT_METRICS_PORT="0")
     args = ("up", "--ft-port", "0", "--core-port", "0")
-    with QuotopiaProcess(*args, env=env, new_session=ctrl_c) as up:
+    with QuotopiaProcess(*args, env=_up_env(tmp_path), new_session=ctrl_c) as up:
         ready = up.wait_for_line(r"^core \| .*" + CORE_READY, DEADLINE, stream="stdout")
         core_port = int(ready[1])
-        # A stream from FT is open when the stop comes, so there is a feed to lose.
+        # Streams from FT are open when the stop comes, so there are feeds to lose.
         wait_until(lambda: feed(core_port)["connected"], DEADLINE, what="Core's feed")
+        up.wait_for_line(r"^rec  \| .*connected to FT at ", DEADLINE, stream="stdout")
 
         if ctrl_c:
             os.killpg(up.pid, signal.SIGINT)
@@ -186,7 +216,9 @@ def test_up_stops_core_before_ft_so_a_clean_stop_warns_of_nothing(ctrl_c: bool) 
             assert found, f"no {prefix!r} line with {text!r}\n{up.output()}"
             return found[0]
 
-        assert first("core | ", "Core stopped") < first("ft   | ", "FT stopped"), up.output()
+        ft_stopped = first("ft   | ", "FT stopped")
+        assert first("core | ", "Core stopped") < ft_stopped, up.output()
+        assert first("rec  | ", "recorder stopped") < ft_stopped, up.output()
 
 
 # --- the command line ------------------------------------------------------------
@@ -218,7 +250,7 @@ def test_a_port_in_use_is_one_line_and_exit_status_2(ft: Service) -> None:
 
 #: The flags README's configuration table documents, per command.
 DOCUMENTED = {
-    (): ["--help", "--version", "ft", "core", "up"],
+    (): ["--help", "--version", "ft", "core", "recorder", "db", "up"],
     ("ft",): [
         "--host",
         "--port",
@@ -239,7 +271,32 @@ DOCUMENTED = {
         "--log-level",
         "--log-format",
     ],
-    ("up",): ["--ft-port", "--core-port", "--log-level", "--log-format"],
+    ("recorder",): [
+        "--host",
+        "--metrics-port",
+        "--ft-addr",
+        "--db",
+        "--batch-size",
+        "--flush-interval",
+        "--buffer",
+        "--retention",
+        "--migrate",
+        "--backoff-cap",
+        "--feed-timeout",
+        "--drain-timeout",
+        "--log-level",
+        "--log-format",
+    ],
+    ("up",): [
+        "--ft-port",
+        "--core-port",
+        "--ft-metrics-port",
+        "--recorder-metrics-port",
+        "--db",
+        "--recorder",
+        "--log-level",
+        "--log-format",
+    ],
 }
 
 

@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 from _procs import wait_until
-from _services import DEADLINE, ft_metrics_port, http_get, running_core, running_ft
-from prometheus_client.parser import text_string_to_metric_families
+from _services import DEADLINE, ft_metrics_port, http_get, running_core, running_ft, scrape
 
 pytestmark = pytest.mark.e2e
 
@@ -26,18 +25,6 @@ pytestmark = pytest.mark.e2e
 def readyz(port: int) -> tuple[int, str]:
     status, body = http_get(port, "/readyz")
     return status, body["status"]
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=DEADLINE) as response:
-        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def until_ready(port: int, wanted: tuple[int, str]) -> None:

@@ -11,19 +11,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 import trio
 import trio_asyncio
 from grpclib.client import Channel
 from grpclib.const import Cardinality
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from quotopia._proto import Quote, StreamQuotesRequest
 from quotopia.backoff import Backoff
-from quotopia.contract import SNAPSHOT_SIZE_KEY, STREAM_QUOTES
+from quotopia.contract import STREAM_QUOTES
 from quotopia.core.config import CoreConfig
 from quotopia.core.store import QuoteStore
+from quotopia.grpc_feed import (
+    EXPECTED_FAILURES,
+    FeedEnded,
+    FeedStalled,
+    describe_failure,
+    snapshot_size,
+)
 
 __all__ = ["FeedEnded", "FeedStalled", "Session", "grpc_session", "supervise_feed"]
 
@@ -31,23 +37,6 @@ logger = logging.getLogger("quotopia.core")
 
 #: One feed session: connect, stream into the store, return when the stream ends.
 Session = Callable[[CoreConfig, QuoteStore], Awaitable[None]]
-
-#: Failures that are part of normal life (FT down, restarting, unreachable):
-#: logged as one line, without a traceback.
-EXPECTED_FAILURES: tuple[type[Exception], ...] = (
-    OSError,
-    GRPCError,
-    StreamTerminatedError,
-    ProtocolError,
-)
-
-
-class FeedEnded(Exception):
-    """FT ended the stream normally (for example, it is shutting down)."""
-
-
-class FeedStalled(Exception):
-    """Nothing arrived from FT within the feed timeout (FT frozen, or the network)."""
 
 
 async def _aio_session(config: CoreConfig, store: QuoteStore) -> None:
@@ -67,7 +56,7 @@ async def _aio_session(config: CoreConfig, store: QuoteStore) -> None:
             ) as stream:
                 await stream.send_message(StreamQuotesRequest(), end=True)
                 await stream.recv_initial_metadata()
-                store.feed_up(_snapshot_size(stream.initial_metadata))
+                store.feed_up(snapshot_size(stream.initial_metadata))
                 logger.info(
                     "connected to FT at %s", config.ft_addr, extra={"ft_addr": config.ft_addr}
                 )
@@ -113,7 +102,7 @@ async def supervise_feed(
         except (FeedEnded, FeedStalled) as exc:
             reason = str(exc)
         except EXPECTED_FAILURES as exc:
-            reason = _describe(exc)
+            reason = describe_failure(exc)
         except Exception as exc:
             logger.error("feed session failed unexpectedly", exc_info=exc)
             reason = f"unexpected {type(exc).__name__}"
@@ -128,21 +117,3 @@ async def supervise_feed(
         else:
             logger.info("FT unavailable: %s; retrying in %.2fs", reason, delay, extra=fields)
         await trio.sleep(delay)
-
-
-def _snapshot_size(metadata: Mapping[str, object] | None) -> int | None:
-    """The snapshot size FT announces in its response headers, if it does."""
-    value = (metadata or {}).get(SNAPSHOT_SIZE_KEY)
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, GRPCError):
-        return f"gRPC status {exc.status.name}: {exc.message}"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, StreamTerminatedError):
-        return "connection lost"
-    return str(exc) or type(exc).__name__
