@@ -31,6 +31,7 @@ __all__ = [
     "DEADLINE",
     "FT_METRICS",
     "FT_READY",
+    "RECORDER_METRICS",
     "SYMBOLS",
     "Service",
     "btc",
@@ -40,9 +41,11 @@ __all__ = [
     "ft_metrics_port",
     "http_get",
     "quotes",
+    "recorder_args",
     "run_cli",
     "running_core",
     "running_ft",
+    "running_recorder",
     "scrape",
     "stop",
     "usage_error",
@@ -126,6 +129,42 @@ def running_core(ft_port: int, *flags: str, env: dict[str, str] | None = None) -
     with QuotopiaProcess(*core_args(ft_port, *flags), env=env) as process:
         ready, ready_at = process.wait_for_line_at(CORE_READY, DEADLINE)
         assert ready[2] == f"127.0.0.1:{ft_port}", process.output()
+        yield Service(process, int(ready[1]), ready_at)
+
+
+#: The recorder's endpoint line; group 1 is its port.
+RECORDER_METRICS = r"recorder metrics on http://127\.0\.0\.1:(\d+)/metrics"
+
+
+def recorder_args(ft_port: int, database: str, *flags: str) -> list[str]:
+    """``quotopia recorder`` on 127.0.0.1, its endpoint on port 0, from the FT on
+    ``ft_port`` into ``database``, with short waits, plus ``flags``."""
+    return [
+        "recorder",
+        "--host",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--ft-addr",
+        f"127.0.0.1:{ft_port}",
+        "--db",
+        database,
+        "--flush-interval",
+        "0.05",
+        "--backoff-cap",
+        "0.5",
+        *flags,
+    ]
+
+
+@contextmanager
+def running_recorder(
+    ft_port: int, database: str, *flags: str, env: dict[str, str] | None = None
+) -> Iterator[Service]:
+    """The recorder, once it records (its ``port`` is its metrics endpoint's)."""
+    with QuotopiaProcess(*recorder_args(ft_port, database, *flags), env=env) as process:
+        ready, ready_at = process.wait_for_line_at(RECORDER_METRICS, DEADLINE)
+        process.wait_for_line(r"recording quotes from FT", DEADLINE)
         yield Service(process, int(ready[1]), ready_at)
 
 
