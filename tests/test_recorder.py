@@ -25,11 +25,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 
-from quotopia._proto import Quote
 from quotopia.ft.config import FTConfig
 from quotopia.ft.server import serve as serve_ft
 from quotopia.history.database import Database, parse_database_url, upgrade
 from quotopia.history.queries import StoredQuote, insert_quotes
+from quotopia.quote_codec import DecodedQuote
 from quotopia.recorder.config import RecorderConfig, parse_duration
 from quotopia.recorder.gaps import GapTracker
 from quotopia.recorder.service import serve as serve_recorder
@@ -158,10 +158,9 @@ def test_missed_is_the_highest_sequence_minus_the_quotes_kept(
 
 def test_a_quote_becomes_a_row_under_its_own_name() -> None:
     at = datetime(2026, 12, 3, 10, 0, 0, 250_000, tzinfo=UTC)
-    row = storable_row(
-        Quote(symbol="BTC", price=1.5, time=at, change_percent=0.1, sequence=4, run_id=9)
-    )
-    assert row == StoredQuote("BTC", 9, 4, int(at.timestamp() * 1_000_000), 1.5, 0.1)
+    at_us = int(at.timestamp() * 1_000_000)
+    row = storable_row(DecodedQuote("BTC", 1.5, at_us, 0.1, 4, 9))
+    assert row == StoredQuote("BTC", 9, 4, at_us, 1.5, 0.1)
 
 
 @pytest.mark.parametrize(
@@ -175,20 +174,20 @@ def test_a_quote_becomes_a_row_under_its_own_name() -> None:
         {"symbol": "A\x00B"},
         {"price": math.nan},
         {"change_percent": math.inf},
-        {"time": None},
+        {"time_us": None},
     ],
 )
 def test_unstorable_quotes_are_refused(bad: dict[str, Any]) -> None:
     fields: dict[str, Any] = {
         "symbol": "BTC",
         "price": 1.0,
-        "time": datetime(2026, 12, 3, tzinfo=UTC),
+        "time_us": 1_764_720_000_000_000,
         "change_percent": 0.0,
         "sequence": 1,
         "run_id": 1,
         **bad,
     }
-    assert storable_row(Quote(**fields)) is None
+    assert storable_row(DecodedQuote(**fields)) is None
 
 
 # --- the service, in-process -------------------------------------------------------
