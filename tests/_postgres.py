@@ -31,8 +31,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from _procs import missing_server
-
 __all__ = ["Postgres", "find_pg_bin", "require_postgres", "running_postgres"]
 
 #: Seconds ``pg_ctl`` waits for the server to start or stop.
@@ -57,6 +55,9 @@ def require_postgres() -> Path:
     """PostgreSQL's bin directory; missing, the test skips (fails under CI=true)."""
     found = find_pg_bin()
     if found is None:
+        # Imported here: the bench uses this harness without pytest installed.
+        from _procs import missing_server
+
         missing_server("PostgreSQL's initdb not found (Debian: apt-get install postgresql)")
     return found
 

@@ -14,7 +14,17 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, Select, case, delete, func, literal, select, tuple_
+from sqlalchemy import (
+    BigInteger,
+    Select,
+    bindparam,
+    case,
+    delete,
+    func,
+    literal,
+    select,
+    tuple_,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.expression import ColumnElement
@@ -85,15 +95,43 @@ def insert_quotes(connection: Connection, batch: Sequence[StoredQuote]) -> int:
     """
     if not batch:
         return 0
-    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    if connection.dialect.name == "postgresql":
+        return _insert_unnested(connection, batch)
     statement = (
-        insert(quotes)
-        .on_conflict_do_nothing(index_elements=["symbol", "run_id", "sequence"])
+        sqlite.insert(quotes)
+        .on_conflict_do_nothing(index_elements=_KEY)
         # RETURNING lists only the rows actually inserted: the count of new ones.
         .returning(quotes.c.sequence)
     )
     result = connection.execute(statement, [q.as_row() for q in batch])
     return len(result.all())
+
+
+_KEY = ["symbol", "run_id", "sequence"]
+_COLUMNS = [f.name for f in fields(StoredQuote)]
+
+
+def _insert_unnested(connection: Connection, batch: Sequence[StoredQuote]) -> int:
+    """PostgreSQL: the batch as six arrays, ``INSERT ... SELECT FROM unnest(...)``.
+
+    One statement of the same text whatever the batch's size, where a
+    multi-row ``VALUES`` differs with every size and is too long for psycopg's
+    statement cache: parsing it again for every batch took a quarter of the
+    recorder's CPU.
+    """
+    types = {c.name: c.type for c in quotes.columns}
+    arrays = [
+        bindparam(name, [getattr(q, name) for q in batch], type_=postgresql.ARRAY(types[name]))
+        for name in _COLUMNS
+    ]
+    rows = func.unnest(*arrays).table_valued(*_COLUMNS).render_derived(name="batch")
+    statement = (
+        postgresql.insert(quotes)
+        .from_select(_COLUMNS, select(*(rows.c[name] for name in _COLUMNS)))
+        .on_conflict_do_nothing(index_elements=_KEY)
+        .returning(quotes.c.sequence)
+    )
+    return len(connection.execute(statement).all())
 
 
 def _select_stored() -> Select[*tuple[Any, ...]]:

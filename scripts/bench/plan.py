@@ -65,6 +65,10 @@ class Plan:
     push_window_s: float = 10.0
     #: Event streams that stop reading, on a 10 ms tick: Core's memory meanwhile.
     push_stalled: int = 1_000
+    # 7. The recorder's ingest: quotes/s FT offers, into each engine
+    ingest_rates: tuple[int, ...] = (5_000, 10_000, 20_000, 40_000)
+    ingest_warmup_s: float = 3.0
+    ingest_window_s: float = 10.0
     # 5. Footprint
     startup_repeats: int = 3
     idle_settle_s: float = 3.0
@@ -74,7 +78,15 @@ class Plan:
     load_processes: int = 2
     streams_per_connection: int = 1
     load_client: str = "wire"
-    parts: tuple[str, ...] = ("footprint", "rest", "fanout", "throughput", "freshness", "push")
+    parts: tuple[str, ...] = (
+        "footprint",
+        "rest",
+        "fanout",
+        "throughput",
+        "freshness",
+        "push",
+        "ingest",
+    )
 
 
 MODES = ("full", "quick", "smoke")
@@ -99,6 +111,9 @@ def plan_for(mode: str, **overrides: object) -> Plan:
             "throughput_window_s": 2.0,
             "throughput_warmup_s": 1.0,
             "freshness_ticks": 200,
+            "ingest_rates": (10_000, 20_000),
+            "ingest_warmup_s": 2.0,
+            "ingest_window_s": 5.0,
             "startup_repeats": 1,
             "idle_settle_s": 1.0,
         },
@@ -120,6 +135,9 @@ def plan_for(mode: str, **overrides: object) -> Plan:
             "throughput_warmup_s": 0.5,
             "throughput_window_s": 1.0,
             "freshness_ticks": 20,
+            "ingest_rates": (1_000,),
+            "ingest_warmup_s": 0.5,
+            "ingest_window_s": 1.0,
             "startup_repeats": 1,
             "idle_settle_s": 0.5,
             "load_processes": 1,

@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import fanout, footprint, freshness, protos, push, rest
+from . import fanout, footprint, freshness, ingest, protos, push, rest
 from .loadclient import CLIENTS
 from .plan import MODES, Context, Plan, plan_for
 from .procs import ROOT, BenchError
@@ -42,6 +42,7 @@ PARTS: dict[str, Callable[[Context], Part]] = {
     "throughput": fanout.run_throughput,
     "freshness": freshness.run,
     "push": push.run,
+    "ingest": ingest.run,
 }
 ALL_PARTS = (*PARTS, "footprint")
 DEFAULT_OUT = ROOT / "bench-results" / "bench.json"
@@ -58,6 +59,8 @@ VERSIONS = (
     "grpcio",
     "protobuf",
     "psutil",
+    "sqlalchemy",
+    "psycopg",
 )
 
 
