@@ -1,11 +1,14 @@
-# Quotopia: one image for both services.
+# Quotopia: one image for every service.
 #
 #   docker build -t quotopia:latest .
 #   docker run --rm -p 50051:50051 quotopia:latest              # FT (the default command)
 #   docker run --rm -p 8080:8080 -e FT_ADDR=HOST:50051 quotopia:latest core
+#   docker run --rm -p 8082:8082 -e FT_ADDR=HOST:50051 -v quotopia-data:/data \
+#       -e QUOTOPIA_DB=sqlite:////data/quotes.db quotopia:latest recorder
 #
-# compose.yaml runs both from this image. Settings are the usual FT_* / CORE_* /
-# LOG_LEVEL environment variables or flags (see `quotopia ft --help`).
+# compose.yaml runs all three from this image. Settings are the usual FT_* / CORE_* /
+# RECORDER_* / QUOTOPIA_DB / LOG_LEVEL environment variables or flags (see
+# `quotopia ft --help`).
 
 # One pinned base for every stage: the venv built in `builder` points at this
 # image's /usr/local/bin/python3.11, so the runtime must be the very same Python.
@@ -52,9 +55,14 @@ RUN /opt/build/bin/pip wheel --no-cache-dir --no-build-isolation --no-deps --whe
 FROM base AS runtime
 
 # A fixed, unprivileged UID/GID, so volume permissions and policies can name it.
+# /data is where compose mounts the history database's volume: a new named volume
+# takes the owner of the image's directory, so the recorder (and Core: SQLite's WAL
+# needs its readers to write too) can create quotes.db there.
 RUN groupadd --system --gid 10001 quotopia \
  && useradd --system --uid 10001 --gid quotopia --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin quotopia
+        --home-dir /nonexistent --shell /usr/sbin/nologin quotopia \
+ && mkdir /data \
+ && chown 10001:10001 /data
 
 COPY --from=builder /opt/venv /opt/venv
 COPY scripts/healthcheck.py /app/healthcheck.py
@@ -69,11 +77,12 @@ ENV VIRTUAL_ENV=/opt/venv \
 WORKDIR /app
 USER 10001:10001
 
-# FT's gRPC port, FT's metrics port and Core's HTTP port (FT_PORT, FT_METRICS_PORT
-# and CORE_PORT change them).
-EXPOSE 50051 8081 8080
+# FT's gRPC port, FT's metrics port, Core's HTTP port and the recorder's metrics
+# port (FT_PORT, FT_METRICS_PORT, CORE_PORT and RECORDER_METRICS_PORT change them).
+EXPOSE 50051 8081 8080 8082
 
-# Both services drain on SIGTERM: FT ends open streams, Core finishes requests.
+# Every service drains on SIGTERM: FT ends open streams, Core finishes requests,
+# the recorder writes what it has buffered.
 STOPSIGNAL SIGTERM
 
 # Probes whichever service this container runs: QUOTOPIA_SERVICE if set, else the

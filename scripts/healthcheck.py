@@ -1,9 +1,9 @@
-"""Container health probe for Quotopia's two services.
+"""Container health probe for Quotopia's services.
 
 One image runs either service, so the image's ``HEALTHCHECK`` calls this script
 and the script works out which service it is probing:
 
-1. the first argument, ``ft`` or ``core``, if given;
+1. the first argument, ``ft``, ``core`` or ``recorder``, if given;
 2. else the ``QUOTOPIA_SERVICE`` environment variable (compose sets it);
 3. else the command line of PID 1, which in a container is the service itself
    (``quotopia core`` — so a plain ``docker run IMAGE core`` is probed right);
@@ -14,6 +14,10 @@ Probes, always against 127.0.0.1 (the probe runs inside the service's container)
 - ``core``: ``GET /health`` on ``CORE_PORT`` (default 8080); healthy on HTTP 200.
 - ``ft``: ``grpc.health.v1.Health/Check`` for the whole server (service ``""``)
   on ``FT_PORT`` (default 50051), via grpclib; healthy on ``SERVING``.
+- ``recorder``: ``GET /readyz`` on ``RECORDER_METRICS_PORT`` (default 8082);
+  healthy on HTTP 200, that is once the schema is in place and recording began,
+  and while its writes succeed (a lost feed leaves it ready; a database that
+  refuses writes, or a drain, does not).
 
 Each probe gives up after :data:`TIMEOUT` seconds. Exit status follows Docker's
 contract: 0 healthy, 1 unhealthy (2 is reserved by Docker, so it is never used,
@@ -32,7 +36,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["TIMEOUT", "check_core", "check_ft", "main", "resolve_service"]
+__all__ = ["TIMEOUT", "check_core", "check_ft", "check_recorder", "main", "resolve_service"]
 
 #: Seconds one probe may take, connection included.
 TIMEOUT = 2.0
@@ -57,23 +61,34 @@ def _port(variable: str, default: int) -> int:
     return port
 
 
-def check_core(port: int) -> None:
-    """Ask Core's ``/health``; raise :class:`ProbeError` unless it answers 200."""
+def _http_ok(port: int, path: str) -> None:
+    """GET ``path``; raise :class:`ProbeError` unless it answers 200."""
     # http.client rather than urllib: no proxy settings from the environment
     # apply and no redirects are followed, so the probe talks to this container only.
     conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT)
     try:
-        conn.request("GET", "/health", headers={"Accept": "application/json"})
+        conn.request("GET", path, headers={"Accept": "application/json"})
         response = conn.getresponse()
-        response.read()
+        body = response.read()
     except OSError as exc:  # refused, reset, timed out (socket.timeout is an OSError)
-        raise ProbeError(f"GET http://{HOST}:{port}/health failed: {exc}") from None
+        raise ProbeError(f"GET http://{HOST}:{port}{path} failed: {exc}") from None
     except http.client.HTTPException as exc:  # a reply that is not HTTP
-        raise ProbeError(f"GET http://{HOST}:{port}/health: bad reply: {exc!r}") from None
+        raise ProbeError(f"GET http://{HOST}:{port}{path}: bad reply: {exc!r}") from None
     finally:
         conn.close()
     if response.status != 200:
-        raise ProbeError(f"GET http://{HOST}:{port}/health answered {response.status}")
+        said = body.decode(errors="replace").strip()[:200]
+        raise ProbeError(f"GET http://{HOST}:{port}{path} answered {response.status} {said}")
+
+
+def check_core(port: int) -> None:
+    """Ask Core's ``/health``; raise :class:`ProbeError` unless it answers 200."""
+    _http_ok(port, "/health")
+
+
+def check_recorder(port: int) -> None:
+    """Ask the recorder's ``/readyz``; raise :class:`ProbeError` unless it answers 200."""
+    _http_ok(port, "/readyz")
 
 
 def check_ft(port: int) -> None:
@@ -131,6 +146,7 @@ def resolve_service(argv: Sequence[str], *, pid1_cmdline: Path = PID1_CMDLINE) -
 _PROBES: dict[str, tuple[Callable[[int], None], str, int]] = {
     "ft": (check_ft, "FT_PORT", 50051),
     "core": (check_core, "CORE_PORT", 8080),
+    "recorder": (check_recorder, "RECORDER_METRICS_PORT", 8082),
 }
 
 
@@ -138,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Probe one service; return the process exit status (0 healthy, 1 not)."""
     service = resolve_service(sys.argv[1:] if argv is None else argv)
     if service not in _PROBES:
-        print(f"healthcheck: unknown service {service!r}, expected ft or core", file=sys.stderr)
+        known = ", ".join(_PROBES)
+        print(f"healthcheck: unknown service {service!r}, expected one of {known}", file=sys.stderr)
         return 1
     probe, port_variable, default_port = _PROBES[service]
     try:

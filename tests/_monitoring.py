@@ -1,10 +1,11 @@
 """deploy/monitoring as data: the metric catalogue, the rules, the dashboard's queries.
 
-The metric catalogue is the contract between the code (quotopia/ft, quotopia/core)
-and the monitoring files: the rules and panels may only use what it names, and
-every name in it should be used somewhere (tests/test_monitoring_files.py), while
-the end-to-end test (tests/test_observability_e2e.py) checks that real FT and Core
-export all of it.
+The metric catalogue is the contract between the code (quotopia/ft, quotopia/core,
+quotopia/recorder) and the monitoring files: the rules and panels may only use
+what it names, and every name in it should be used somewhere
+(tests/test_monitoring_files.py), while the end-to-end test
+(tests/test_observability_e2e.py) checks that real FT, Core and recorder export
+all of it.
 
 PromQL has no parser in Python's standard library, so :func:`metric_names` finds
 metric names the way a reader does: it drops strings, label matchers, ranges and
@@ -58,9 +59,10 @@ DASHBOARD = DASHBOARDS_DIR / "quotopia.json"
 
 #: Every metric the services export by name, with its type. Counters carry their
 #: ``_total``; a histogram ``X`` is exported as ``X_bucket``, ``X_sum``, ``X_count``.
-#: FT's are ``quotopia_ft_*``, Core's ``quotopia_core_*``; the rest both export.
+#: FT's are ``quotopia_ft_*``, Core's ``quotopia_core_*``, the recorder's
+#: ``quotopia_recorder_*`` (quotopia/recorder/metrics.py); every service exports the rest.
 CATALOGUE: Mapping[str, str] = {
-    # Both services.
+    # Every service.
     "quotopia_build_info": "gauge",
     "process_cpu_seconds_total": "counter",
     "process_resident_memory_bytes": "gauge",
@@ -94,6 +96,26 @@ CATALOGUE: Mapping[str, str] = {
     "quotopia_core_push_events_sent_total": "counter",
     "quotopia_core_push_conflated_total": "counter",
     "quotopia_core_push_closed_total": "counter",
+    # The recorder.
+    "quotopia_recorder_quotes_received_total": "counter",
+    "quotopia_recorder_missed_quotes_total": "counter",
+    "quotopia_recorder_gaps_total": "counter",
+    "quotopia_recorder_replayed_quotes_total": "counter",
+    "quotopia_recorder_ft_runs_total": "counter",
+    "quotopia_recorder_quotes_rejected_total": "counter",
+    "quotopia_recorder_rows_written_total": "counter",
+    "quotopia_recorder_duplicate_quotes_total": "counter",
+    "quotopia_recorder_batches_total": "counter",
+    "quotopia_recorder_batch_duration_seconds": "histogram",
+    "quotopia_recorder_write_latency_seconds": "histogram",
+    "quotopia_recorder_lag_seconds": "gauge",
+    "quotopia_recorder_buffer_quotes": "gauge",
+    "quotopia_recorder_buffer_capacity_quotes": "gauge",
+    "quotopia_recorder_feed_connected": "gauge",
+    "quotopia_recorder_feed_sessions_total": "counter",
+    "quotopia_recorder_database_up": "gauge",
+    "quotopia_recorder_retention_deleted_rows_total": "counter",
+    "quotopia_recorder_ready": "gauge",
 }
 
 #: Families the catalogue names only by prefix (prometheus_client's process and

@@ -3,7 +3,8 @@
 No Docker engine is needed. The files are linted (hadolint) and validated
 (check-jsonschema's Compose spec schema), their structure is checked, the lock is
 checked against the project's metadata, and the health probe is run for real
-against ``quotopia ft`` and ``quotopia core`` started as processes.
+against ``quotopia ft``, ``quotopia core`` and ``quotopia recorder`` started as
+processes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import ModuleType
 
 import pytest
@@ -40,10 +41,10 @@ HEALTHCHECK = ROOT / "scripts" / "healthcheck.py"
 
 # What each compose service runs after the image's ENTRYPOINT (`quotopia`). The
 # end-to-end tests below start the very same commands, as `python -m quotopia ...`.
-SERVICE_ARGS = {"ft": ["ft"], "core": ["core"]}
+SERVICE_ARGS = {"ft": ["ft"], "core": ["core"], "recorder": ["recorder"]}
 
 # Variables that would change what a child process does; the tests set their own.
-_SETTINGS = re.compile(r"(FT|CORE)_\w+|LOG_LEVEL|QUOTOPIA_SERVICE")
+_SETTINGS = re.compile(r"(FT|CORE|RECORDER|QUOTOPIA)_\w+|LOG_LEVEL|LOG_FORMAT")
 # Bounds on every wait, well under pytest-timeout's 60 s per test.
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
@@ -121,7 +122,7 @@ def test_dockerfile_runtime_stage() -> None:
     uid = user.partition(":")[0]
     assert uid.isdigit(), f"runtime must run as a fixed numeric UID, not {user!r}"
     assert int(uid) != 0, "runtime must not run as root"
-    assert set(_only(runtime, "EXPOSE").split()) == {"50051", "8081", "8080"}
+    assert set(_only(runtime, "EXPOSE").split()) == {"50051", "8081", "8080", "8082"}
     assert _only(runtime, "STOPSIGNAL") == "SIGTERM"
     assert json.loads(_only(runtime, "CMD")) == SERVICE_ARGS["ft"]
 
@@ -172,13 +173,17 @@ def test_compose_services() -> None:
     services = compose["services"]
     # What a plain `docker compose up` starts; the `monitoring` profile's services
     # are checked in tests/test_monitoring_files.py.
-    assert {name for name, service in services.items() if not service.get("profiles")} == {
-        "ft",
-        "core",
-    }
+    assert {name for name, service in services.items() if not service.get("profiles")} == set(
+        SERVICE_ARGS
+    )
 
-    # FT's second port is its metrics endpoint (FT_METRICS_PORT).
-    for name, ports in (("ft", ["50051:50051", "8081:8081"]), ("core", ["8080:8080"])):
+    # FT's second port is its metrics endpoint (FT_METRICS_PORT); the recorder has
+    # only that (RECORDER_METRICS_PORT).
+    for name, ports in (
+        ("ft", ["50051:50051", "8081:8081"]),
+        ("core", ["8080:8080"]),
+        ("recorder", ["8082:8082"]),
+    ):
         service = services[name]
         assert service["container_name"] == f"quotopia-{name}"
         assert service["image"] == "quotopia:latest"
@@ -193,9 +198,35 @@ def test_compose_services() -> None:
         assert healthcheck["test"][:1] == ["CMD"]
         assert "/app/healthcheck.py" in healthcheck["test"]
 
-    assert environment(services["core"])["FT_ADDR"] == "ft:50051"
-    assert services["core"]["depends_on"] == {"ft": {"condition": "service_healthy"}}
+    for name in ("core", "recorder"):
+        assert environment(services[name])["FT_ADDR"] == "ft:50051", name
+        assert services[name]["depends_on"] == {"ft": {"condition": "service_healthy"}}, name
+    assert environment(services["recorder"])["RECORDER_METRICS_PORT"] == "8082"
     assert compose["networks"]["quotopia-network"]["name"] == "quotopia-network"
+
+
+def test_compose_core_reads_what_the_recorder_writes() -> None:
+    compose = load_compose()
+    services = compose["services"]
+    core, recorder = environment(services["core"]), environment(services["recorder"])
+    url = recorder["QUOTOPIA_DB"]
+    assert core["QUOTOPIA_DB"] == url
+    prefix = "sqlite:///"
+    assert url.startswith(prefix + "/"), f"an absolute SQLite path, in the volume: {url}"
+    path = PurePosixPath(url.removeprefix(prefix))
+    for name in ("core", "recorder"):
+        # Read-write for both: SQLite's WAL readers write the -shm file too.
+        (volume,) = services[name]["volumes"]
+        source, target, *mode = volume.split(":")
+        assert mode in ([], ["rw"]), f"{name}: WAL needs write access, got {volume}"
+        assert source in compose["volumes"], f"{name}: not a named volume: {volume}"
+        assert path.parent == PurePosixPath(target), f"{name}: {url} is not in {target}"
+    # A new named volume takes the owner of the image's directory: the runtime
+    # stage must create it for the unprivileged user.
+    runs = " ".join(args for keyword, args in _final_stage() if keyword == "RUN")
+    assert f"mkdir {path.parent}" in runs
+    user = _only(_final_stage(), "USER")
+    assert f"chown {user} {path.parent}" in runs
 
 
 def test_compose_runs_the_commands_the_e2e_tests_run() -> None:
@@ -397,10 +428,11 @@ def _running(*args: str) -> Iterator[_Service]:
 
 FT_LISTENING = r"FT listening on \S+:(?P<port>\d+) "
 CORE_LISTENING = r"Core listening on http://\S+:(?P<port>\d+),"
+RECORDER_LISTENING = r"recorder metrics on http://\S+:(?P<port>\d+)/metrics"
 
 
 @pytest.mark.e2e
-def test_probe_reports_running_services_healthy() -> None:
+def test_probe_reports_running_services_healthy(tmp_path: Path) -> None:
     ft_args = [*SERVICE_ARGS["ft"], "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
     with _running(*ft_args) as ft:
         ft_port = ft.wait_for_port(FT_LISTENING)
@@ -413,6 +445,21 @@ def test_probe_reports_running_services_healthy() -> None:
             result = _probe(QUOTOPIA_SERVICE="core", CORE_PORT=str(core_port))
             assert result.returncode == 0, result.stderr
 
+        recorder_args = [*SERVICE_ARGS["recorder"], "--host", "127.0.0.1", "--metrics-port", "0"]
+        database = f"sqlite:///{tmp_path / 'quotes.db'}"
+        with _running(
+            *recorder_args, "--ft-addr", f"127.0.0.1:{ft_port}", "--db", database
+        ) as recorder:
+            port = str(recorder.wait_for_port(RECORDER_LISTENING))
+            # Healthy is ready: the endpoint listens first, /readyz turns 200 once
+            # the schema is in place and recording began.
+            deadline = time.monotonic() + START_TIMEOUT
+            while (
+                result := _probe(QUOTOPIA_SERVICE="recorder", RECORDER_METRICS_PORT=port)
+            ).returncode:
+                assert time.monotonic() < deadline, result.stderr
+                time.sleep(0.1)
+
 
 @pytest.mark.e2e
 def test_probe_reports_stopped_service_unhealthy() -> None:
@@ -423,7 +470,11 @@ def test_probe_reports_stopped_service_unhealthy() -> None:
         # A clean exit on SIGTERM is what the image's STOPSIGNAL relies on.
         assert ft.stop() == 0, "".join(ft.output)
 
-    for service, variable in (("ft", "FT_PORT"), ("core", "CORE_PORT")):
+    for service, variable in (
+        ("ft", "FT_PORT"),
+        ("core", "CORE_PORT"),
+        ("recorder", "RECORDER_METRICS_PORT"),
+    ):
         result = _probe(QUOTOPIA_SERVICE=service, **{variable: port})
         assert result.returncode == 1, f"{service}: {result.stderr}"
         assert "unhealthy" in result.stderr

@@ -44,7 +44,11 @@ from _prometheus import CONTAINER_RULES_DIR, render_config, require_tool
 COMPOSE = REPO / "compose.yaml"
 MONITORING_SERVICES = ("prometheus", "grafana")
 #: Which environment variable sets the port each scraped service serves /metrics on.
-METRICS_PORT_VARIABLE = {"ft": "FT_METRICS_PORT", "core": "CORE_PORT"}
+METRICS_PORT_VARIABLE = {
+    "ft": "FT_METRICS_PORT",
+    "core": "CORE_PORT",
+    "recorder": "RECORDER_METRICS_PORT",
+}
 #: Where Grafana's image reads provisioning files (GF_PATHS_PROVISIONING's default).
 GRAFANA_PROVISIONING = "/etc/grafana/provisioning"
 PROMTOOL_TIMEOUT = 60
@@ -158,6 +162,10 @@ def test_metric_names_finds_metrics_and_nothing_else() -> None:
         'histogram_quantile(0.99, sum by (job, le) (rate(x_bucket{job="ft"}[$__rate_interval])))'
     ) == {"x_bucket"}
     assert metric_names('up{job=~"ft|core"} == 0') == {"up"}
+    assert metric_names("sum by (symbol) (rate(e_total[5s])) or on () sum(0 * f)") == {
+        "e_total",
+        "f",
+    }
     assert metric_names("time() - process_start_time_seconds offset 5m") == {
         "process_start_time_seconds"
     }
@@ -274,12 +282,19 @@ def test_grafana_provisioning() -> None:
 
 
 def _mounts(service: Mapping[str, Any]) -> dict[str, Path]:
-    """A service's bind mounts: container path → the repository path mounted there."""
+    """A service's bind mounts: container path → the repository path mounted there.
+
+    Named volumes (the history database's ``quotopia-data``) hold no repository
+    file and are left out."""
     mounts: dict[str, Path] = {}
     for volume in service.get("volumes", []):
         if isinstance(volume, str):
             source, target = volume.split(":")[:2]
+            if not source.startswith((".", "/", "~")):  # a named volume
+                continue
         else:
+            if volume.get("type") == "volume":
+                continue
             assert volume.get("type") == "bind", volume
             source, target = volume["source"], volume["target"]
         assert source.startswith("./"), f"mount from outside the repository: {volume}"

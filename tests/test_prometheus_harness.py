@@ -1,6 +1,6 @@
 """tests/_prometheus.py itself: a private Prometheus with the shipped config and rules.
 
-With nothing to scrape, Prometheus must still load every rule, find both targets
+With nothing to scrape, Prometheus must still load every rule, find every target
 down, and start the QuotopiaServiceDown alert: proof that the harness rewrote the
 targets and the rule paths, found the port, and that queries work, before any
 test relies on it with real services.
@@ -16,6 +16,9 @@ import pytest
 from _monitoring import alert_rules, recording_rules
 from _prometheus import running_prometheus
 
+#: The jobs of prometheus.yml (render_config refuses targets for any other set).
+JOBS = ("ft", "core", "recorder")
+
 
 @pytest.fixture
 def closed_addresses() -> Iterator[dict[str, str]]:
@@ -24,13 +27,13 @@ def closed_addresses() -> Iterator[dict[str, str]]:
     Each socket is bound but never listens: a connection to it is refused, and
     since the test holds it, no other process can take the port meanwhile.
     """
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in ("ft", "core")]
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in JOBS]
     try:
         for sock in sockets:
             sock.bind(("127.0.0.1", 0))
         yield {
             job: f"127.0.0.1:{sock.getsockname()[1]}"
-            for job, sock in zip(("ft", "core"), sockets, strict=True)
+            for job, sock in zip(JOBS, sockets, strict=True)
         }
     finally:
         for sock in sockets:
@@ -46,9 +49,10 @@ def test_prometheus_without_targets_reports_them_down(
         (sample,) = prometheus.wait_for('up{job="ft"} == 0')
         assert sample["metric"]["instance"] == closed_addresses["ft"]
         prometheus.wait_for('up{job="core"} == 0')
+        prometheus.wait_for('up{job="recorder"} == 0')
 
         health = {target["labels"]["job"]: target for target in prometheus.targets()}
-        assert set(health) == {"ft", "core"}
+        assert set(health) == set(JOBS)
         for job, target in health.items():
             assert target["health"] == "down", target
             assert "connection refused" in target["lastError"], f"{job}: {target}"

@@ -21,8 +21,27 @@ __all__ = ["BATCH_BUCKETS", "RecorderMetrics"]
 
 #: Seconds one batch takes to commit: from 1 ms to 10 s.
 BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-#: Seconds from a quote's generation at FT to its commit: from 10 ms to 30 s.
-WRITE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Seconds from a quote's generation at FT to its commit: from 5 ms to 30 s, finest
+#: around the flush interval (0.2 s), where most quotes land.
+WRITE_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 
 class RecorderMetrics(Collector):
@@ -71,16 +90,19 @@ class RecorderMetrics(Collector):
             "quotopia_recorder_missed_quotes",
             "Quotes never received, found by gaps in sequence numbers.",
             self._gaps.missed,
+            self.received,
         )
         yield _per_symbol(
             "quotopia_recorder_gaps",
             "Gaps in sequence numbers (each of one or more quotes).",
             self._gaps.gaps,
+            self.received,
         )
         yield _per_symbol(
             "quotopia_recorder_replayed_quotes",
             "Quotes received again (a reconnect's snapshot, a redelivery).",
             self._gaps.replays,
+            self.received,
         )
         yield CounterMetricFamily(
             "quotopia_recorder_ft_runs",
@@ -152,8 +174,12 @@ class RecorderMetrics(Collector):
         )
 
 
-def _per_symbol(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
+def _per_symbol(
+    name: str, documentation: str, counts: dict[str, int], symbols: Iterable[str] = ()
+) -> CounterMetricFamily:
+    """A counter per symbol; every one of ``symbols`` appears, at 0 until it counts,
+    so that ``increase()`` sees its first event."""
     family = CounterMetricFamily(name, documentation, labels=["symbol"])
-    for symbol, count in sorted(counts.items()):
-        family.add_metric([symbol], count)
+    for symbol in sorted({*counts, *symbols}):
+        family.add_metric([symbol], counts.get(symbol, 0))
     return family
