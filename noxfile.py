@@ -70,7 +70,7 @@ def proto(session: nox.Session) -> None:
 
 @nox.session
 def run(session: nox.Session) -> None:
-    """Start FT (:50051) and Core (:8080) locally, logs prefixed; Ctrl-C stops both."""
+    """Start FT (:50051), Core (:8080) and the recorder locally, logs prefixed; Ctrl-C stops all."""
     session.install("-e", ".")
     session.run("quotopia", "up", *session.posargs)
 
