@@ -37,9 +37,11 @@ __all__ = [
     "Candle",
     "StoredQuote",
     "candles",
+    "candles_statement",
     "delete_before",
     "has_symbol",
     "history_page",
+    "history_statement",
     "insert_quotes",
     "latest_per_symbol",
     "symbols",
@@ -153,6 +155,16 @@ def history_page(
     The next cursor is ``None`` when this page is the last. Reads ``limit + 1``
     rows to know that without a second query.
     """
+    rows = [StoredQuote(*row) for row in connection.execute(history_statement(query))]
+    if len(rows) <= query.limit:
+        return rows, None
+    rows = rows[: query.limit]
+    last = rows[-1]
+    return rows, Cursor(query.symbol, query.order, last.time_us, last.run_id, last.sequence)
+
+
+def history_statement(query: HistoryQuery) -> Select[*tuple[Any, ...]]:
+    """The SELECT behind :func:`history_page`: ``limit + 1`` rows in page order."""
     descending = query.order == "desc"
     statement = _select_stored().where(quotes.c.symbol == query.symbol)
     if query.from_us is not None:
@@ -170,13 +182,7 @@ def history_page(
             )
         )
         statement = statement.where(key < position if descending else key > position)
-    statement = statement.order_by(*_order_key(descending)).limit(query.limit + 1)
-    rows = [StoredQuote(*row) for row in connection.execute(statement)]
-    if len(rows) <= query.limit:
-        return rows, None
-    rows = rows[: query.limit]
-    last = rows[-1]
-    return rows, Cursor(query.symbol, query.order, last.time_us, last.run_id, last.sequence)
+    return statement.order_by(*_order_key(descending)).limit(query.limit + 1)
 
 
 def candles(connection: Connection, query: CandleQuery) -> list[Candle]:
@@ -188,6 +194,11 @@ def candles(connection: Connection, query: CandleQuery) -> list[Candle]:
     the open and the close. Ties in time are broken by ``(run_id, sequence)``, so
     both engines pick the same rows.
     """
+    return [Candle(*row) for row in connection.execute(candles_statement(query))]
+
+
+def candles_statement(query: CandleQuery) -> Select[*tuple[Any, ...]]:
+    """The SELECT behind :func:`candles`."""
     bucket = (quotes.c.time_us - quotes.c.time_us % query.width_us).label("bucket")
     ranked = (
         select(
@@ -207,7 +218,7 @@ def candles(connection: Connection, query: CandleQuery) -> list[Candle]:
         )
         .subquery("ranked")
     )
-    statement = (
+    return (
         select(
             ranked.c.bucket,
             func.max(case((ranked.c.first == 1, ranked.c.price))),
@@ -219,7 +230,6 @@ def candles(connection: Connection, query: CandleQuery) -> list[Candle]:
         .group_by(ranked.c.bucket)
         .order_by(ranked.c.bucket)
     )
-    return [Candle(*row) for row in connection.execute(statement)]
 
 
 def has_symbol(connection: Connection, symbol: str) -> bool:

@@ -69,6 +69,9 @@ class Plan:
     ingest_rates: tuple[int, ...] = (5_000, 10_000, 20_000, 40_000)
     ingest_warmup_s: float = 3.0
     ingest_window_s: float = 10.0
+    # 8. History queries through Core over many stored quotes
+    history_rows: int = 1_000_000
+    history_requests: int = 200
     # 5. Footprint
     startup_repeats: int = 3
     idle_settle_s: float = 3.0
@@ -86,6 +89,7 @@ class Plan:
         "freshness",
         "push",
         "ingest",
+        "history",
     )
 
 
@@ -114,6 +118,8 @@ def plan_for(mode: str, **overrides: object) -> Plan:
             "ingest_rates": (10_000, 20_000),
             "ingest_warmup_s": 2.0,
             "ingest_window_s": 5.0,
+            "history_rows": 200_000,
+            "history_requests": 50,
             "startup_repeats": 1,
             "idle_settle_s": 1.0,
         },
@@ -138,6 +144,8 @@ def plan_for(mode: str, **overrides: object) -> Plan:
             "ingest_rates": (1_000,),
             "ingest_warmup_s": 0.5,
             "ingest_window_s": 1.0,
+            "history_rows": 3_000,
+            "history_requests": 5,
             "startup_repeats": 1,
             "idle_settle_s": 0.5,
             "load_processes": 1,

@@ -373,14 +373,15 @@ def _answers_http(port: int) -> bool:
         connection.close()
 
 
-def start_core(ft_port: int, *, workers: int = 1) -> tuple[Service, int]:
+def start_core(ft_port: int, *, workers: int = 1, extra: Sequence[str] = ()) -> tuple[Service, int]:
     """Start ``quotopia core`` on 127.0.0.1, port 0, fed by FT; return it and its port.
 
-    With ``workers > 1``: ``quotopia core --workers N``.
+    With ``workers > 1``: ``quotopia core --workers N``; ``extra`` flags follow.
     """
     argv = quotopia_argv("core", "--host=127.0.0.1", "--port=0", f"--ft-addr=127.0.0.1:{ft_port}")
     if workers > 1:
         argv.append(f"--workers={workers}")
+    argv += extra
     core = Service("core" if workers == 1 else f"core-x{workers}", argv)
     try:
         found = core.wait_line(r"Core listening on http://127\.0\.0\.1:(\d+)", 30)

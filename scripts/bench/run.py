@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import fanout, footprint, freshness, ingest, protos, push, rest
+from . import fanout, footprint, freshness, history, ingest, protos, push, rest
 from .loadclient import CLIENTS
 from .plan import MODES, Context, Plan, plan_for
 from .procs import ROOT, BenchError
@@ -43,6 +43,7 @@ PARTS: dict[str, Callable[[Context], Part]] = {
     "freshness": freshness.run,
     "push": push.run,
     "ingest": ingest.run,
+    "history": history.run,
 }
 ALL_PARTS = (*PARTS, "footprint")
 DEFAULT_OUT = ROOT / "bench-results" / "bench.json"
