@@ -72,6 +72,8 @@ class Plan:
     # 8. History queries through Core over many stored quotes
     history_rows: int = 1_000_000
     history_requests: int = 200
+    #: Seconds one query's requests may take in all (a heavy query gets fewer).
+    history_budget_s: float = 10.0
     # 5. Footprint
     startup_repeats: int = 3
     idle_settle_s: float = 3.0
