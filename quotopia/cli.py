@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         recorder,
         "--batch-size",
         "RECORDER_BATCH_SIZE",
-        "500",
+        "2000",
         "quotes per transaction, at most",
         COUNT,
     )

@@ -46,7 +46,7 @@ class RecorderConfig:
     #: Their port (0: a free one, logged). 8082 follows FT's 8081 and Core's 8080.
     metrics_port: int = 8082
     #: Quotes written in one transaction, at most.
-    batch_size: int = 500
+    batch_size: int = 2000
     #: Seconds a batch may wait to fill before it is written anyway.
     flush_interval: float = 0.2
     #: Quotes held between the feed and the database. When it is full the

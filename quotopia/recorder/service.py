@@ -38,6 +38,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -88,6 +89,9 @@ _MAX_INT64 = 2**63 - 1
 class _NotMigrated(Exception):
     """The schema is not (yet) at the revision this recorder writes."""
 
+
+#: Quotes taken off the feed between two checkpoints, at most.
+_CHECKPOINT_EVERY = 256
 
 #: What keeps the recorder from starting, for now: retried with backoff.
 _NOT_READY: tuple[type[Exception], ...] = (*DATABASE_DOWN, _NotMigrated)
@@ -334,34 +338,57 @@ class _Recorder:
                     self.metrics.feed_connected = True
                     self.metrics.feed_sessions += 1
                     logger.info("connected to FT at %s", config.ft_addr)
+                    timeout = config.feed_timeout
+                    since_checkpoint = 0
                     while True:
                         quote = await stream.recv_message()
                         if quote is None:
                             break
-                        quiet.deadline = math.inf
-                        await self._accept(quote, send)
-                        quiet.deadline = anyio.current_time() + config.feed_timeout
+                        # The deadline moves at most ten times a timeout: a timer
+                        # rescheduled per quote cost more than decoding it. A
+                        # silent FT is noticed after 0.9 to 1 times the timeout.
+                        now = anyio.current_time()
+                        if now + timeout - quiet.deadline > timeout / 10:
+                            quiet.deadline = now + timeout
+                        row = self._accept(quote)
+                        if row is None:
+                            continue
+                        try:
+                            send.send_nowait(row)
+                        except anyio.WouldBlock:
+                            quiet.deadline = math.inf
+                            await send.send(row)
+                            quiet.deadline = anyio.current_time() + timeout
+                            since_checkpoint = 0
+                        # Counted once buffered: a quote cut off by a shutdown
+                        # was never received.
+                        received = self.metrics.received
+                        received[row.symbol] = received.get(row.symbol, 0) + 1
+                        # grpclib returns buffered messages without yielding:
+                        # let the writer and the endpoint run now and then.
+                        since_checkpoint += 1
+                        if since_checkpoint >= _CHECKPOINT_EVERY:
+                            since_checkpoint = 0
+                            await anyio.lowlevel.checkpoint()
             if quiet.cancelled_caught:
                 raise FeedStalled(f"no data from FT for {config.feed_timeout:g}s")
             raise FeedEnded("FT ended the stream")
         finally:
             channel.close()
 
-    async def _accept(self, quote: DecodedQuote, send: MemoryObjectSendStream[StoredQuote]) -> None:
+    def _accept(self, quote: DecodedQuote) -> StoredQuote | None:
+        """``quote``'s row, checked and seen by the gap tracker; None if refused."""
         row = storable_row(quote)
         if row is None:
             self.metrics.rejected += 1
             log = logger.debug if self._rejected_logged else logger.warning
             log("refused an unstorable quote: %r", quote)
             self._rejected_logged = True
-            return
+            return None
         if gap := self.gaps.observe(row.symbol, row.run_id, row.sequence):
             _log_gap(gap)
         self.known_symbols.add(row.symbol)
-        await send.send(row)
-        # Counted once buffered: a quote cut off by the shutdown was never received.
-        received = self.metrics.received
-        received[row.symbol] = received.get(row.symbol, 0) + 1
+        return row
 
     # -- the writer ------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 FT runs with 100 symbols, its tick set so that it offers a given number of
 quotes a second (100 symbols every 5 ms: 20,000/s); one ``quotopia recorder``
 process reads FT's gRPC stream and writes every quote into a new database. Both
-are the real commands, with their default batching (500 quotes, 0.2 s).
+are the real commands, with their default batching (2,000 quotes, 0.2 s).
 
 For each offered rate, after a warm-up, over a window:
 
