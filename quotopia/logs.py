@@ -126,8 +126,9 @@ def configure(
     root.setLevel(level.upper())
     root.handlers[:] = [handler]
     # Our own lines already say what these libraries announce at INFO (hypercorn's
-    # bind, grpclib's "Request was cancelled", asyncio's debug-mode "is serving").
+    # bind, grpclib's "Request was cancelled", asyncio's debug-mode "is serving",
+    # Alembic's "Context impl SQLiteImpl." whenever a schema revision is read).
     # Keep their warnings and errors.
-    for chatty in ("hypercorn.error", "grpclib", "asyncio"):
+    for chatty in ("hypercorn.error", "grpclib", "asyncio", "alembic"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
     logging.getLogger("asyncio").addFilter(_DROP_WRITES_TO_CLOSED_SOCKETS)

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from quotopia import logs
 
 #: Loggers configure() changes, so the tests can put them back.
-_TOUCHED = ("", "hypercorn.error", "grpclib", "asyncio")
+_TOUCHED = ("", "hypercorn.error", "grpclib", "asyncio", "alembic")
 
 #: Today's text format: date, time to the millisecond, level padded to 7, message.
 TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (?P<level>[A-Z]+) +(?P<message>.*)")
@@ -206,13 +206,13 @@ def test_records_below_the_level_are_dropped(fmt: str) -> None:
 @pytest.mark.parametrize("fmt", logs.LOG_FORMATS)
 def test_chatty_libraries_only_show_warnings(fmt: str) -> None:
     with configured("DEBUG", fmt) as out:
-        for name in ("hypercorn.error", "grpclib", "asyncio"):
+        for name in ("hypercorn.error", "grpclib", "asyncio", "alembic.runtime.migration"):
             logging.getLogger(name).info("%s announces", name)
             logging.getLogger(name).warning("%s warns", name)
         log.debug("ours, at DEBUG")
     written = out.getvalue()
     assert "announces" not in written
-    assert written.count(" warns") == 3
+    assert written.count(" warns") == 4
     assert "ours, at DEBUG" in written
 
 
