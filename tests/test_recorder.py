@@ -21,9 +21,9 @@ import anyio
 import anyio.to_thread
 import pytest
 from _services import DEADLINE, SampleKey, http_get, scrape
+from _stored import holes, rows, sample_total
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, text
 
 from quotopia.ft.config import FTConfig
 from quotopia.ft.server import serve as serve_ft
@@ -244,10 +244,6 @@ async def metrics(port: int) -> dict[SampleKey, float]:
     return await anyio.to_thread.run_sync(scrape, port)
 
 
-def total(samples: dict[SampleKey, float], name: str) -> float:
-    return sum(value for (sample, _), value in samples.items() if sample == name)
-
-
 async def until(probe: Any, what: str) -> Any:
     """Await ``probe()`` until it returns something truthy; fail after DEADLINE."""
     # Polling: what is awaited is another process's state (a database, an endpoint).
@@ -258,30 +254,9 @@ async def until(probe: Any, what: str) -> Any:
             await anyio.sleep(0.02)
 
 
-def rows(database: str) -> list[tuple[str, int, int]]:
-    """Every stored ``(symbol, run_id, sequence)``."""
-    url = parse_database_url(database)
-    assert url is not None
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            result = connection.execute(text("SELECT symbol, run_id, sequence FROM quotes"))
-            return [(r[0], int(r[1]), int(r[2])) for r in result]
-    finally:
-        engine.dispose()
-
-
 def runs(stored: list[tuple[str, int, int]]) -> list[int]:
     """The distinct run ids in ``stored``."""
     return sorted({run for _, run, _ in stored})
-
-
-def holes(stored: list[tuple[str, int, int]]) -> int:
-    """Sum over (run, symbol) of the highest sequence stored minus the rows stored."""
-    by_key: dict[tuple[str, int], list[int]] = {}
-    for symbol, run_id, sequence in stored:
-        by_key.setdefault((symbol, run_id), []).append(sequence)
-    return sum(max(s) - len(s) for s in by_key.values())
 
 
 async def ready(port: int) -> tuple[int, Any] | None:
@@ -293,8 +268,8 @@ async def ready(port: int) -> tuple[int, Any] | None:
 async def written_all(port: int) -> dict[SampleKey, float] | None:
     """The recorder's metrics once every quote it received is committed."""
     samples = await metrics(port)
-    received = total(samples, "quotopia_recorder_quotes_received_total")
-    stored = total(samples, "quotopia_recorder_rows_written_total") + total(
+    received = sample_total(samples, "quotopia_recorder_quotes_received_total")
+    stored = sample_total(samples, "quotopia_recorder_rows_written_total") + sample_total(
         samples, "quotopia_recorder_duplicate_quotes_total"
     )
     return samples if received and received == stored else None
@@ -315,11 +290,11 @@ async def test_every_quote_received_is_stored_once_and_the_gaps_add_up(database_
             assert len(stored) == len(set(stored))
             assert {s for s, _, _ in stored} == {"SBER", "BTC", "ETH"}
             assert len({run for _, run, _ in stored}) == 1
-            missed = total(samples, "quotopia_recorder_missed_quotes_total")
+            missed = sample_total(samples, "quotopia_recorder_missed_quotes_total")
             assert missed == holes(stored) > 0
-            assert total(samples, "quotopia_recorder_rows_written_total") == len(stored)
-            assert total(samples, "quotopia_recorder_ft_runs_total") == 1
-            assert total(samples, "quotopia_recorder_database_up") == 1
+            assert sample_total(samples, "quotopia_recorder_rows_written_total") == len(stored)
+            assert sample_total(samples, "quotopia_recorder_ft_runs_total") == 1
+            assert sample_total(samples, "quotopia_recorder_database_up") == 1
             await stop(recorder)
     assert status == 200
     assert body["status"] == "ready", body
@@ -351,8 +326,8 @@ async def test_a_new_ft_run_gets_keys_of_its_own(database_url: str) -> None:
             )
             assert first_run & second_run
             assert len(stored) == len(set(stored))
-            assert total(samples, "quotopia_recorder_ft_runs_total") == 2
-            assert total(samples, "quotopia_recorder_missed_quotes_total") == holes(stored)
+            assert sample_total(samples, "quotopia_recorder_ft_runs_total") == 2
+            assert sample_total(samples, "quotopia_recorder_missed_quotes_total") == holes(stored)
             await stop(recorder)
 
 
@@ -369,7 +344,7 @@ async def test_a_drain_writes_what_the_buffer_holds(
             samples = await until(
                 lambda: _received_at_least(recorder.port, 30), "quotes in the buffer"
             )
-            assert total(samples, "quotopia_recorder_rows_written_total") == 0
+            assert sample_total(samples, "quotopia_recorder_rows_written_total") == 0
             await stop(recorder)
     (stopped,) = [r for r in caplog.records if r.getMessage().startswith("recorder stopped")]
     stored = rows(database_url)
@@ -379,7 +354,11 @@ async def test_a_drain_writes_what_the_buffer_holds(
 
 async def _received_at_least(port: int, count: int) -> dict[SampleKey, float] | None:
     samples = await metrics(port)
-    return samples if total(samples, "quotopia_recorder_quotes_received_total") >= count else None
+    return (
+        samples
+        if sample_total(samples, "quotopia_recorder_quotes_received_total") >= count
+        else None
+    )
 
 
 async def test_without_migrations_it_waits_for_the_schema(
@@ -414,13 +393,13 @@ async def test_retention_deletes_old_rows_and_keeps_new_ones(database_url: str) 
 
             async def swept() -> dict[SampleKey, float] | None:
                 samples = await metrics(recorder.port)
-                deleted = total(samples, "quotopia_recorder_retention_deleted_rows_total")
-                written = total(samples, "quotopia_recorder_rows_written_total")
+                deleted = sample_total(samples, "quotopia_recorder_retention_deleted_rows_total")
+                written = sample_total(samples, "quotopia_recorder_rows_written_total")
                 return samples if deleted >= len(old) and written else None
 
             samples = await until(swept, "old rows deleted")
             await stop(recorder)
     stored = rows(database_url)
-    assert total(samples, "quotopia_recorder_retention_deleted_rows_total") == len(old)
+    assert sample_total(samples, "quotopia_recorder_retention_deleted_rows_total") == len(old)
     assert not [r for r in stored if r[1] == 1]  # every old row went
     assert stored  # the new ones stayed

@@ -29,9 +29,7 @@ from _services import (
     stop,
     usage_error,
 )
-from sqlalchemy import create_engine, text
-
-from quotopia.history.database import parse_database_url
+from _stored import by_key, holes, rows, sample_total
 
 pytestmark = pytest.mark.e2e
 
@@ -39,43 +37,13 @@ pytestmark = pytest.mark.e2e
 TICK = 0.05
 
 
-def rows(database: str) -> list[tuple[str, int, int]]:
-    """Every stored ``(symbol, run_id, sequence)``."""
-    url = parse_database_url(database)
-    assert url is not None
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            result = connection.execute(text("SELECT symbol, run_id, sequence FROM quotes"))
-            return [(r[0], int(r[1]), int(r[2])) for r in result]
-    finally:
-        engine.dispose()
-
-
-def by_key(stored: list[tuple[str, int, int]]) -> dict[tuple[str, int], list[int]]:
-    grouped: dict[tuple[str, int], list[int]] = {}
-    for symbol, run_id, sequence in stored:
-        grouped.setdefault((symbol, run_id), []).append(sequence)
-    return grouped
-
-
-def holes(stored: list[tuple[str, int, int]], *, from_first: bool = False) -> int:
-    """Sequences absent below each (run, symbol)'s highest: counted from 1, or with
-    ``from_first``, from its lowest stored."""
-    return sum(max(s) - (min(s) - 1 if from_first else 0) - len(s) for s in by_key(stored).values())
-
-
-def total(samples: dict[SampleKey, float], name: str) -> float:
-    return sum(value for (sample, _), value in samples.items() if sample == name)
-
-
 def all_written(recorder: Service) -> Callable[[], dict[SampleKey, float] | None]:
     """A probe: the recorder's metrics once every quote it received is committed."""
 
     def probe() -> dict[SampleKey, float] | None:
         samples = scrape(recorder.port)
-        received = total(samples, "quotopia_recorder_quotes_received_total")
-        stored = total(samples, "quotopia_recorder_rows_written_total") + total(
+        received = sample_total(samples, "quotopia_recorder_quotes_received_total")
+        stored = sample_total(samples, "quotopia_recorder_rows_written_total") + sample_total(
             samples, "quotopia_recorder_duplicate_quotes_total"
         )
         return samples if received and received == stored else None
@@ -108,7 +76,7 @@ def test_a_gap_across_an_ft_restart_is_counted_and_keys_stay_unique(tmp_path: Pa
             with running_ft(port=port, tick=TICK) as ft2:
                 ft2_metrics = ft_metrics_port(ft2)
                 wait_until(
-                    lambda: total(scrape(ft2_metrics), "quotopia_ft_ticks_total") >= 10,
+                    lambda: sample_total(scrape(ft2_metrics), "quotopia_ft_ticks_total") >= 10,
                     DEADLINE,
                     what="ten ticks of the second FT",
                 )
@@ -125,13 +93,13 @@ def test_a_gap_across_an_ft_restart_is_counted_and_keys_stay_unique(tmp_path: Pa
         stored = rows(database)
         assert len(stored) == len(set(stored))
         (second_run,) = {run for _, run, _ in stored} - {first_run}
-        missed = total(samples, "quotopia_recorder_missed_quotes_total")
+        missed = sample_total(samples, "quotopia_recorder_missed_quotes_total")
         assert missed == holes(stored)
         # The second run was at least ten ticks old when the recorder joined it.
         second = {k: v for k, v in by_key(stored).items() if k[1] == second_run}
         assert len(second) == 3
         assert all(min(sequences) > 10 for sequences in second.values()), second
-        assert total(samples, "quotopia_recorder_ft_runs_total") == 2
+        assert sample_total(samples, "quotopia_recorder_ft_runs_total") == 2
         stop(recorder)
 
 
@@ -144,7 +112,9 @@ def test_sigkill_mid_batch_loses_no_committed_row_and_duplicates_none(tmp_path: 
         with running_recorder(ft.port, database, *flags) as first:
             wait_until(at_least(database, 60), DEADLINE, what="rows before the kill")
             samples = scrape(first.port)
-            assert total(samples, "quotopia_recorder_missed_quotes_total") == holes(rows(database))
+            assert sample_total(samples, "quotopia_recorder_missed_quotes_total") == holes(
+                rows(database)
+            )
             assert first.process.kill() == -signal.SIGKILL
         before = rows(database)
         with running_recorder(ft.port, database, *flags) as second:
@@ -159,8 +129,8 @@ def test_sigkill_mid_batch_loses_no_committed_row_and_duplicates_none(tmp_path: 
             # from the database, counted exactly it.
             lost = holes(stored, from_first=True)
             assert lost > 0
-            assert total(samples, "quotopia_recorder_missed_quotes_total") == lost
-            assert total(samples, "quotopia_recorder_duplicate_quotes_total") == 0
+            assert sample_total(samples, "quotopia_recorder_missed_quotes_total") == lost
+            assert sample_total(samples, "quotopia_recorder_duplicate_quotes_total") == 0
             stop(second)
 
 
@@ -191,8 +161,8 @@ def test_postgres_down_then_up_the_recorder_holds_retries_and_catches_up(
         samples = wait_until(all_written(recorder), DEADLINE, what="every quote written")
         stored = rows(database)
         # Held in the buffer through the outage: nothing received was lost.
-        assert total(samples, "quotopia_recorder_missed_quotes_total") == holes(stored)
-        assert len(stored) == total(samples, "quotopia_recorder_quotes_received_total")
+        assert sample_total(samples, "quotopia_recorder_missed_quotes_total") == holes(stored)
+        assert len(stored) == sample_total(samples, "quotopia_recorder_quotes_received_total")
         assert holes(stored, from_first=True) == 0
         warnings = [
             line for line in recorder.process.stderr_lines if "database unavailable" in line
