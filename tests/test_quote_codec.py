@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -41,68 +42,44 @@ def protoc_bytes(pb2: ModuleType, fields: dict[str, object]) -> bytes:
     return bytes(message.SerializeToString())
 
 
-@given(
-    symbol=symbols,
-    price=doubles,
-    time=times,
-    change_percent=doubles,
-    sequence=uint64,
-    run_id=uint64,
-)
-def test_encoding_is_byte_for_byte_the_stock_one(
-    quotes_pb2: ModuleType,
-    symbol: str,
-    price: float,
-    time: datetime | None,
-    change_percent: float,
-    sequence: int,
-    run_id: int,
-) -> None:
-    fields = {
-        "symbol": symbol,
-        "price": price,
-        "time": time,
-        "change_percent": change_percent,
-        "sequence": sequence,
-        "run_id": run_id,
+#: A Quote's fields, by name, as betterproto2's ``Quote(**fields)`` takes them.
+quote_fields = st.fixed_dictionaries(
+    {
+        "symbol": symbols,
+        "price": doubles,
+        "time": times,
+        "change_percent": doubles,
+        "sequence": uint64,
+        "run_id": uint64,
     }
-    ours = encode_quote(symbol, price, time, change_percent, sequence, run_id)
-    assert ours == bytes(_proto.Quote(**fields))  # type: ignore[arg-type]
+)
+
+
+@given(fields=quote_fields)
+def test_encoding_is_byte_for_byte_the_stock_one(
+    quotes_pb2: ModuleType, fields: dict[str, Any]
+) -> None:
+    ours = encode_quote(**fields)
+    assert ours == bytes(_proto.Quote(**fields))
     # protoc writes -0.0 where betterproto2 (and so FT, before and now) leaves it out.
-    if not any(x == 0.0 and math.copysign(1, x) < 0 for x in (price, change_percent)):
+    doubles_given = (fields["price"], fields["change_percent"])
+    if not any(x == 0.0 and math.copysign(1, x) < 0 for x in doubles_given):
         assert ours == protoc_bytes(quotes_pb2, fields)
 
 
-@given(
-    symbol=symbols,
-    price=doubles,
-    time=times,
-    change_percent=doubles,
-    sequence=uint64,
-    run_id=uint64,
-    unknown=st.binary(max_size=20),
-)
+@given(fields=quote_fields, unknown=st.binary(max_size=20))
 def test_decoding_gives_back_what_protoc_encoded_whatever_else_is_there(
-    quotes_pb2: ModuleType,
-    symbol: str,
-    price: float,
-    time: datetime | None,
-    change_percent: float,
-    sequence: int,
-    run_id: int,
-    unknown: bytes,
+    quotes_pb2: ModuleType, fields: dict[str, Any], unknown: bytes
 ) -> None:
-    fields = {
-        "symbol": symbol,
-        "price": price,
-        "time": time,
-        "change_percent": change_percent,
-        "sequence": sequence,
-        "run_id": run_id,
-    }
     data = protoc_bytes(quotes_pb2, fields)
+    time = fields["time"]
     expected = DecodedQuote(
-        symbol, price, None if time is None else micros(time), change_percent, sequence, run_id
+        fields["symbol"],
+        fields["price"],
+        None if time is None else micros(time),
+        fields["change_percent"],
+        fields["sequence"],
+        fields["run_id"],
     )
     assert decode_quote(data) == expected
     # A newer FT's field 15 (length-delimited), before and after the known ones.
