@@ -132,3 +132,10 @@ def configure(
     for chatty in ("hypercorn.error", "grpclib", "asyncio", "alembic"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
     logging.getLogger("asyncio").addFilter(_DROP_WRITES_TO_CLOSED_SOCKETS)
+    # aiokafka logs each failed connection attempt at ERROR and each retried request
+    # at WARNING, ten times a second while a broker is away; the services report the
+    # broker's state themselves (one WARNING per outage) and see every failure that
+    # matters as an exception. At DEBUG a developer gets aiokafka's lines too.
+    logging.getLogger("aiokafka").setLevel(
+        logging.DEBUG if root.level <= logging.DEBUG else logging.CRITICAL
+    )

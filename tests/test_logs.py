@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from quotopia import logs
 
 #: Loggers configure() changes, so the tests can put them back.
-_TOUCHED = ("", "hypercorn.error", "grpclib", "asyncio", "alembic")
+_TOUCHED = ("", "hypercorn.error", "grpclib", "asyncio", "alembic", "aiokafka")
 
 #: Today's text format: date, time to the millisecond, level padded to 7, message.
 TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (?P<level>[A-Z]+) +(?P<message>.*)")
@@ -214,6 +214,21 @@ def test_chatty_libraries_only_show_warnings(fmt: str) -> None:
     assert "announces" not in written
     assert written.count(" warns") == 4
     assert "ours, at DEBUG" in written
+
+
+def test_aiokafka_speaks_only_at_debug() -> None:
+    """aiokafka logs each failed connection attempt at ERROR, ten times a second
+    while a broker is away; the services report that themselves, once."""
+    kafka_log = logging.getLogger("aiokafka.conn")
+    with configured("INFO") as out:
+        kafka_log.error("Unable connect to node with id 1")
+        log.info("ours")
+    assert "Unable connect" not in out.getvalue()
+    assert "ours" in out.getvalue()
+    with configured("DEBUG") as out:
+        kafka_log.error("Unable connect to node with id 1")
+        kafka_log.debug("Request 1: ApiVersionRequest_v0()")
+    assert out.getvalue().count("\n") == 2
 
 
 @pytest.mark.parametrize("fmt", logs.LOG_FORMATS)

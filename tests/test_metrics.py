@@ -78,7 +78,7 @@ def test_fast_histogram_exposes_a_prometheus_histogram() -> None:
 
 
 def encoded(symbol: str, price: float, at: float = 0.0) -> EncodedQuote:
-    return EncodedQuote(symbol, b"\x00\x00\x00\x00\x00", price, at)
+    return EncodedQuote(symbol, b"\x00\x00\x00\x00\x00", price, at, b"")
 
 
 @pytest.mark.anyio

@@ -116,6 +116,8 @@ def test_each_quote_is_the_stock_encoding_behind_a_grpc_prefix(
         protoc, betterproto = stock_encodings(quotes_pb2, quote, run_id)
         assert protoc == betterproto
         assert message.message == length_prefixed(protoc)
+        # The Kafka record's value: the same bytes, without the gRPC prefix.
+        assert message.payload == protoc
 
 
 def test_run_ids_are_positive_63_bit_numbers_and_differ() -> None:
@@ -126,8 +128,8 @@ def test_run_ids_are_positive_63_bit_numbers_and_differ() -> None:
 
 def test_joined_messages_keep_order_and_honour_the_filter() -> None:
     tick = (
-        EncodedQuote("A", b"\x00\x00\x00\x00\x01a", 1.0, 0.0),
-        EncodedQuote("B", b"\x00\x00\x00\x00\x01b", 2.0, 0.0),
+        EncodedQuote("A", b"\x00\x00\x00\x00\x01a", 1.0, 0.0, b"a"),
+        EncodedQuote("B", b"\x00\x00\x00\x00\x01b", 2.0, 0.0, b"b"),
     )
     assert join_messages(tick, None) == tick[0].message + tick[1].message
     assert join_messages(tick, frozenset({"B"})) == tick[1].message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from quotopia.bus.topic import DEFAULT_PARTITIONS, DEFAULT_TOPIC, check_topic, parse_bootstrap
 from quotopia.market import DEFAULT_SYMBOLS, Instrument, parse_symbols
 
 __all__ = ["FTConfig"]
@@ -39,6 +40,20 @@ class FTConfig:
     #: Seconds a subscriber may stay behind (conflated) before it is disconnected
     #: with RESOURCE_EXHAUSTED as a slow consumer.
     slow_consumer_timeout: float = 10.0
+    #: Kafka bootstrap servers (``HOST:PORT[,...]``) FT also publishes every quote
+    #: to; None: gRPC only.
+    kafka: str | None = None
+    #: The topic, created when missing with ``kafka_partitions`` partitions and
+    #: ``kafka_replication`` replicas.
+    kafka_topic: str = DEFAULT_TOPIC
+    kafka_partitions: int = DEFAULT_PARTITIONS
+    kafka_replication: int = 1
+    #: Quotes held for a slow or absent broker; past that the oldest are dropped
+    #: (and counted), so the newest prices are the ones that reach Kafka.
+    kafka_buffer: int = 10_000
+    #: Use Kafka's idempotent producer (no duplicates from retries). Brokers that
+    #: lack it (Tansu 0.6) need False: then ``acks=all`` without idempotence.
+    kafka_idempotence: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -68,3 +83,12 @@ class FTConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not self.instruments:
             raise ValueError("at least one symbol is needed")
+        if self.kafka is not None:
+            parse_bootstrap(self.kafka)
+        check_topic(self.kafka_topic)
+        if self.kafka_partitions < 1:
+            raise ValueError(f"Kafka partitions must be at least 1, got {self.kafka_partitions}")
+        if self.kafka_replication < 1:
+            raise ValueError(f"Kafka replication must be at least 1, got {self.kafka_replication}")
+        if self.kafka_buffer < 1:
+            raise ValueError(f"Kafka buffer must be at least 1, got {self.kafka_buffer}")

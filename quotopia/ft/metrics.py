@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,6 +23,9 @@ from prometheus_client.registry import Collector
 from quotopia.ft.broadcast import Broadcaster
 from quotopia.ft.wire import EncodedQuote
 from quotopia.telemetry.metrics import FastHistogram, new_registry
+
+if TYPE_CHECKING:
+    from quotopia.ft.kafka import KafkaPublisher
 
 __all__ = ["Disconnect", "FTMetrics"]
 
@@ -47,9 +51,11 @@ class FTMetrics(Collector):
         broadcaster: Broadcaster[EncodedQuote],
         ready: Callable[[], bool],
         clock: Callable[[], float] = time.monotonic,
+        kafka: KafkaPublisher | None = None,
     ) -> None:
         self._broadcaster = broadcaster
         self._ready = ready
+        self._kafka = kafka
         self._clock = clock
         #: Ticks generated since start.
         self.ticks = 0
@@ -124,3 +130,43 @@ class FTMetrics(Collector):
         yield GaugeMetricFamily(
             "quotopia_ft_ready", "1 when /readyz answers 200.", value=int(self._ready())
         )
+        if self._kafka is not None:
+            yield from _kafka_families(self._kafka)
+
+
+def _kafka_families(kafka: KafkaPublisher) -> Iterable[Metric]:
+    """The Kafka publisher's figures (only when FT runs with --kafka)."""
+    yield GaugeMetricFamily(
+        "quotopia_ft_kafka_connected",
+        "1 while a producer is connected to the Kafka broker.",
+        value=int(kafka.connected),
+    )
+    yield CounterMetricFamily(
+        "quotopia_ft_kafka_quotes_sent",
+        "Quotes the Kafka broker acknowledged.",
+        value=kafka.sent,
+    )
+    yield CounterMetricFamily(
+        "quotopia_ft_kafka_quotes_dropped",
+        "Quotes never sent to Kafka: pushed out of a full buffer, or left at shutdown.",
+        value=kafka.dropped,
+    )
+    yield CounterMetricFamily(
+        "quotopia_ft_kafka_failures",
+        "Kafka sessions that failed: the broker unreachable, or a batch not acknowledged.",
+        value=kafka.failures,
+    )
+    yield GaugeMetricFamily(
+        "quotopia_ft_kafka_buffer_quotes",
+        "Quotes waiting for the Kafka broker, in the buffer or in flight.",
+        value=kafka.buffered + kafka.in_flight,
+    )
+    yield GaugeMetricFamily(
+        "quotopia_ft_kafka_buffer_capacity_quotes",
+        "Quotes the Kafka buffer holds before it drops the oldest (--kafka-buffer).",
+        value=kafka.capacity,
+    )
+    yield kafka.ack_latency.family(
+        "quotopia_ft_kafka_ack_latency_seconds",
+        "From a quote's generation to the Kafka broker's acknowledgement.",
+    )

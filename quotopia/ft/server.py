@@ -9,11 +9,14 @@
           └─ task group
               ├─ grpclib server  QuoteService + grpc.health.v1 + reflection
               │    └─ one handler per stream (quotopia.ft.service)
+              ├─ Kafka sender .. (with --kafka) buffer → producer → broker (quotopia.ft.kafka)
               └─ generator ..... every tick: market.step() → encode → broadcaster.publish()
+                                 (and the Kafka buffer's publish())
 
 The drain on shutdown: mark health NOT_SERVING and /readyz "draining", refuse new
 streams, end every open stream with status OK, wait for subscribers to leave
-(bounded by ``drain_timeout``), then close the server. grpclib's
+(bounded by ``drain_timeout``), give the Kafka buffer what is left of that deadline
+to reach the broker, then close the server. grpclib's
 ``Server.close()`` alone would cancel handlers mid-stream and leave connections
 half-open. The metrics endpoint stops last, so the drain can be watched.
 """
@@ -45,6 +48,7 @@ from grpclib.server import Server
 from quotopia._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from quotopia.ft.broadcast import Broadcaster
 from quotopia.ft.config import FTConfig
+from quotopia.ft.kafka import KafkaPublisher
 from quotopia.ft.metrics import FTMetrics
 from quotopia.ft.service import QuoteService
 from quotopia.ft.wire import EncodedQuote, encode_quotes, new_run_id
@@ -80,7 +84,8 @@ async def serve(
     # Names this run's quotes for good: sequence numbers restart with FT.
     run_id = new_run_id()
     lifecycle = Lifecycle()
-    metrics = FTMetrics(broadcaster, ready=lambda: lifecycle.readiness().ok)
+    kafka = None if config.kafka is None else KafkaPublisher(config)
+    metrics = FTMetrics(broadcaster, ready=lambda: lifecycle.readiness().ok, kafka=kafka)
     quotes = QuoteService(market.symbols, broadcaster, metrics)
     serving = ServiceStatus()
     health = Health({quotes: [serving]})
@@ -106,7 +111,9 @@ async def serve(
         try:
             async with anyio.create_task_group() as tg:
                 port = await tg.start(_run_server, server, config.host, config.port)
-                await tg.start(_generate, market, broadcaster, metrics, config, run_id)
+                if kafka is not None:
+                    await tg.start(kafka.run)
+                await tg.start(_generate, market, broadcaster, kafka, metrics, config, run_id)
                 serving.set(True)
                 lifecycle.serving()
                 logger.info(
@@ -140,14 +147,24 @@ async def serve(
                         broadcaster.subscriber_count,
                         extra={"subscribers": broadcaster.subscriber_count},
                     )
+                if kafka is not None:
+                    kafka.close()
+                    with anyio.move_on_after(max(0.0, drain.deadline - anyio.current_time())):
+                        await kafka.flush()
                 tg.cancel_scope.cancel()
         finally:
             stop_endpoint.set()
+    stopped = {"slow_consumers": broadcaster.slow_disconnects, "conflated": broadcaster.conflated}
+    kafka_part = ""
+    if kafka is not None:
+        stopped |= {"kafka_sent": kafka.sent, "kafka_dropped": kafka.dropped}
+        kafka_part = f"; Kafka: {kafka.sent} quotes sent, {kafka.dropped} dropped"
     logger.info(
-        "FT stopped (%d slow consumers disconnected, %d quotes conflated)",
+        "FT stopped (%d slow consumers disconnected, %d quotes conflated%s)",
         broadcaster.slow_disconnects,
         broadcaster.conflated,
-        extra={"slow_consumers": broadcaster.slow_disconnects, "conflated": broadcaster.conflated},
+        kafka_part,
+        extra=stopped,
     )
 
 
@@ -232,6 +249,7 @@ def _raise_open_file_limit() -> None:
 async def _generate(
     market: Market,
     broadcaster: Broadcaster[EncodedQuote],
+    kafka: KafkaPublisher | None,
     metrics: FTMetrics,
     config: FTConfig,
     run_id: int,
@@ -240,13 +258,17 @@ async def _generate(
 ) -> None:
     """Publish the opening prices, then one step of the walk every tick interval.
 
-    Each quote is encoded into its gRPC message here, once, for every subscriber.
+    Each quote is encoded into its gRPC message here, once, for every subscriber
+    and for Kafka.
 
     Ticks follow a fixed schedule (no drift); if the process falls more than a tick
     behind, the schedule restarts from now instead of firing a burst of catch-up ticks.
     """
     opening = market.open(_now())
-    broadcaster.publish(encode_quotes(opening, time.monotonic(), run_id))
+    encoded = encode_quotes(opening, time.monotonic(), run_id)
+    broadcaster.publish(encoded)
+    if kafka is not None:
+        kafka.publish(encoded)
     task_status.started()
     interval = config.tick_interval
     decimals = {i.symbol: i.decimals for i in config.instruments}
@@ -257,6 +279,8 @@ async def _generate(
         step = market.step(_now())
         tick = encode_quotes(step, time.monotonic(), run_id)
         broadcaster.publish(tick)
+        if kafka is not None:
+            kafka.publish(tick)
         metrics.tick(tick)
         _log_moves(step, previous, decimals)
         next_tick += interval

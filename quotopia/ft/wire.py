@@ -60,6 +60,9 @@ class EncodedQuote:
     #: When FT generated it, on the monotonic clock (``time.monotonic()``): the
     #: start of its delivery latency.
     generated_at: float
+    #: The protobuf ``Quote`` alone (``message`` without its prefix): the value of
+    #: the quote's Kafka record (see :mod:`quotopia.bus`).
+    payload: bytes
 
 
 def encode_quotes(
@@ -70,17 +73,13 @@ def encode_quotes(
     ``generated_at`` is the tick's moment on the monotonic clock; ``run_id`` is
     this FT process's :func:`new_run_id`.
     """
-    return tuple(
-        EncodedQuote(
-            q.symbol,
-            length_prefixed(
-                encode_quote(q.symbol, q.price, q.time, q.change_percent, q.sequence, run_id)
-            ),
-            q.price,
-            generated_at,
+    encoded = []
+    for q in quotes:
+        payload = encode_quote(q.symbol, q.price, q.time, q.change_percent, q.sequence, run_id)
+        encoded.append(
+            EncodedQuote(q.symbol, length_prefixed(payload), q.price, generated_at, payload)
         )
-        for q in quotes
-    )
+    return tuple(encoded)
 
 
 def join_messages(quotes: Sequence[EncodedQuote], wanted: frozenset[str] | None) -> bytes:
