@@ -18,10 +18,18 @@ from typing import NoReturn, TypeVar
 import anyio
 
 from quotopia import __version__, logs
+from quotopia.bus.topic import (
+    BOOTSTRAP_ENV,
+    DEFAULT_PARTITIONS,
+    DEFAULT_TOPIC,
+    TOPIC_ENV,
+    check_topic,
+    parse_bootstrap,
+)
 from quotopia.errors import StartupError, first_leaf
 from quotopia.history import DB_ENV, default_database_url
 from quotopia.market import DEFAULT_SYMBOLS, parse_symbols
-from quotopia.recorder.config import parse_duration
+from quotopia.recorder.config import DEFAULT_GROUP, parse_duration
 from quotopia.shutdown import shutdown_on_signals
 
 __all__ = ["build_parser", "main"]
@@ -69,9 +77,12 @@ def _option(
     default: str | None,
     help: str,
     type: Callable[[str], object] = str,
+    *,
+    unset: str = "random",
 ) -> None:
-    """Add ``flag``, defaulting to ``$env`` and then to ``default``; say so in --help."""
-    shown = "random" if default is None else default
+    """Add ``flag``, defaulting to ``$env`` and then to ``default``; say so in --help
+    (a ``None`` default reads as ``unset``)."""
+    shown = unset if default is None else default
     parser.add_argument(
         flag,
         type=type,
@@ -100,6 +111,34 @@ def _add_database(parser: argparse.ArgumentParser) -> None:
         default_database_url(),
         "the history database: sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/NAME",
     )
+
+
+def _add_kafka(parser: argparse.ArgumentParser, role: str) -> None:
+    """``--kafka`` and ``--kafka-topic``, read from the same variables by every service."""
+    _option(
+        parser,
+        "--kafka",
+        BOOTSTRAP_ENV,
+        None,
+        f"Kafka bootstrap servers, HOST:PORT[,HOST:PORT...], {role}",
+        _typed(parse_bootstrap, "bootstrap servers"),
+        unset="none",
+    )
+    _option(
+        parser,
+        "--kafka-topic",
+        TOPIC_ENV,
+        DEFAULT_TOPIC,
+        "the Kafka topic of the quotes",
+        _typed(check_topic, "topic"),
+    )
+
+
+def _source(text: str) -> str:
+    source = text.lower()
+    if source not in ("grpc", "kafka"):
+        raise argparse.ArgumentTypeError("source must be grpc or kafka")
+    return source
 
 
 def _log_format(text: str) -> str:
@@ -204,6 +243,37 @@ def build_parser() -> argparse.ArgumentParser:
         "seconds a client may stay behind before it is disconnected with RESOURCE_EXHAUSTED",
         SECONDS,
     )
+    _add_kafka(ft, "to publish every quote to as well (none: gRPC only)")
+    _option(
+        ft,
+        "--kafka-partitions",
+        "FT_KAFKA_PARTITIONS",
+        str(DEFAULT_PARTITIONS),
+        "partitions of the topic, if FT creates it",
+        COUNT,
+    )
+    _option(
+        ft,
+        "--kafka-replication",
+        "FT_KAFKA_REPLICATION",
+        "1",
+        "replicas of each partition, if FT creates the topic",
+        COUNT,
+    )
+    _option(
+        ft,
+        "--kafka-buffer",
+        "FT_KAFKA_BUFFER",
+        "10000",
+        "quotes held while the broker is slow or away; past that the oldest are dropped",
+        COUNT,
+    )
+    ft.add_argument(
+        "--kafka-idempotence",
+        action=argparse.BooleanOptionalAction,
+        help="use Kafka's idempotent producer; --no-kafka-idempotence for brokers without "
+        "it, such as Tansu (env FT_KAFKA_IDEMPOTENCE; default: on)",
+    )
     _add_logging(ft)
 
     core = commands.add_parser(
@@ -214,7 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(core, "--host", "CORE_HOST", ALL_INTERFACES, "address to listen on")
     _option(core, "--port", "CORE_PORT", "8080", "port to listen on; 0 picks a free one", PORT)
+    _option(
+        core,
+        "--source",
+        "CORE_SOURCE",
+        "grpc",
+        "where prices come from: grpc (FT's stream at --ft-addr) or kafka (the topic at --kafka)",
+        _source,
+    )
     _option(core, "--ft-addr", "FT_ADDR", "127.0.0.1:50051", "FT's address, HOST:PORT")
+    _add_kafka(core, "to read quotes from with --source kafka")
+    _option(
+        core,
+        "--kafka-replay",
+        "CORE_KAFKA_REPLAY",
+        "1000",
+        "with --source kafka, records read back from the end of each partition at start, "
+        "to find each symbol's latest quote",
+        COUNT,
+    )
     _option(
         core,
         "--backoff-cap",
@@ -323,7 +411,23 @@ def build_parser() -> argparse.ArgumentParser:
         "HTTP port of /metrics, /livez and /readyz; 0 picks a free one",
         PORT,
     )
+    _option(
+        recorder,
+        "--source",
+        "RECORDER_SOURCE",
+        "grpc",
+        "where quotes come from: grpc (FT's stream at --ft-addr) or kafka (the topic at --kafka)",
+        _source,
+    )
     _option(recorder, "--ft-addr", "FT_ADDR", "127.0.0.1:50051", "FT's address, HOST:PORT")
+    _add_kafka(recorder, "to read quotes from with --source kafka")
+    _option(
+        recorder,
+        "--kafka-group",
+        "RECORDER_KAFKA_GROUP",
+        DEFAULT_GROUP,
+        "with --source kafka, the consumer group; recorders in one group share the partitions",
+    )
     _add_database(recorder)
     _option(
         recorder,
@@ -468,6 +572,16 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             keepalive=args.keepalive,
             subscriber_buffer=args.subscriber_buffer,
             slow_consumer_timeout=args.slow_consumer_timeout,
+            kafka=args.kafka,
+            kafka_topic=args.kafka_topic,
+            kafka_partitions=args.kafka_partitions,
+            kafka_replication=args.kafka_replication,
+            kafka_buffer=args.kafka_buffer,
+            kafka_idempotence=(
+                _env_flag("FT_KAFKA_IDEMPOTENCE", default=True)
+                if args.kafka_idempotence is None
+                else args.kafka_idempotence
+            ),
         )
         # grpclib is asyncio-only.
         return _service(partial(serve_ft, ft_config), "ft", "asyncio", args)
@@ -496,6 +610,10 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
                 ws_max_subscriptions=args.ws_max_subscriptions,
             ),
             database=args.db,
+            source=args.source,
+            kafka=args.kafka,
+            kafka_topic=args.kafka_topic,
+            kafka_replay=args.kafka_replay,
         )
         if core_config.workers > 1:
             from quotopia.core.workers import run_workers
@@ -522,6 +640,10 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             backoff_cap=args.backoff_cap,
             feed_timeout=args.feed_timeout,
             drain_timeout=args.drain_timeout,
+            source=args.source,
+            kafka=args.kafka,
+            kafka_topic=args.kafka_topic,
+            kafka_group=args.kafka_group,
         )
         # grpclib is asyncio-only.
         return _service(partial(serve_recorder, recorder_config), "recorder", "asyncio", args)

@@ -7,11 +7,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from quotopia.addresses import parse_address
+from quotopia.bus.topic import DEFAULT_TOPIC, check_topic, parse_bootstrap
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
-__all__ = ["CoreConfig", "PushLimits", "parse_address"]
+__all__ = ["SOURCES", "CoreConfig", "PushLimits", "parse_address"]
+
+#: Where Core's prices come from: FT's gRPC stream, or the Kafka topic FT publishes to.
+SOURCES = ("grpc", "kafka")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +81,27 @@ class CoreConfig:
     #: None (or ``"none"``): no history, the history routes answer 503. Core only
     #: reads it: it never migrates it, nor creates a SQLite file.
     database: str | None = None
+    #: ``"grpc"`` (FT's stream at :attr:`ft_addr`) or ``"kafka"`` (the topic).
+    source: str = "grpc"
+    #: Kafka bootstrap servers (``HOST:PORT[,...]``); needed with ``source="kafka"``.
+    kafka: str | None = None
+    kafka_topic: str = DEFAULT_TOPIC
+    #: At start, records read back from the end of each partition to find each
+    #: symbol's latest quote.
+    kafka_replay: int = 1000
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if self.kafka is not None:
+            parse_bootstrap(self.kafka)
+        elif self.source == "kafka":
+            raise ValueError("source kafka needs the bootstrap servers: --kafka HOST:PORT")
+        check_topic(self.kafka_topic)
+        if self.kafka_replay < 1:
+            raise ValueError(f"Kafka replay must be at least 1 record, got {self.kafka_replay}")
         parse_address(self.ft_addr)
         if not (math.isfinite(self.backoff_initial) and self.backoff_initial > 0):
             raise ValueError(f"backoff initial delay must be positive, got {self.backoff_initial}")

@@ -7,8 +7,14 @@ import re
 from dataclasses import dataclass
 
 from quotopia.addresses import parse_address
+from quotopia.bus.topic import DEFAULT_TOPIC, check_topic, parse_bootstrap
 
-__all__ = ["RecorderConfig", "parse_duration"]
+__all__ = ["DEFAULT_GROUP", "SOURCES", "RecorderConfig", "parse_duration"]
+
+#: Where the recorder's quotes come from: FT's gRPC stream, or the Kafka topic.
+SOURCES = ("grpc", "kafka")
+#: The consumer group recorders share (so replicas split the partitions).
+DEFAULT_GROUP = "quotopia-recorder"
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -67,9 +73,26 @@ class RecorderConfig:
     feed_timeout: float = 5.0
     #: On shutdown, seconds the buffered quotes get to reach the database.
     drain_timeout: float = 5.0
+    #: ``"grpc"`` (FT's stream at :attr:`ft_addr`) or ``"kafka"`` (the topic).
+    source: str = "grpc"
+    #: Kafka bootstrap servers (``HOST:PORT[,...]``); needed with ``source="kafka"``.
+    kafka: str | None = None
+    kafka_topic: str = DEFAULT_TOPIC
+    #: The consumer group: recorders in one group share the topic's partitions.
+    kafka_group: str = DEFAULT_GROUP
 
     def __post_init__(self) -> None:
         from quotopia.history.database import parse_database_url
+
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if self.kafka is not None:
+            parse_bootstrap(self.kafka)
+        elif self.source == "kafka":
+            raise ValueError("source kafka needs the bootstrap servers: --kafka HOST:PORT")
+        check_topic(self.kafka_topic)
+        if not self.kafka_group.strip():
+            raise ValueError("the Kafka consumer group needs a name")
 
         if parse_database_url(self.database) is None:
             raise ValueError(
