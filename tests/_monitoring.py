@@ -82,6 +82,14 @@ CATALOGUE: Mapping[str, str] = {
     "quotopia_ft_subscriber_behind_max_seconds": "gauge",
     "quotopia_ft_delivery_latency_seconds": "histogram",
     "quotopia_ft_ready": "gauge",
+    # FT, with --kafka.
+    "quotopia_ft_kafka_connected": "gauge",
+    "quotopia_ft_kafka_quotes_sent_total": "counter",
+    "quotopia_ft_kafka_quotes_dropped_total": "counter",
+    "quotopia_ft_kafka_failures_total": "counter",
+    "quotopia_ft_kafka_buffer_quotes": "gauge",
+    "quotopia_ft_kafka_buffer_capacity_quotes": "gauge",
+    "quotopia_ft_kafka_ack_latency_seconds": "histogram",
     # Core.
     "quotopia_core_http_requests_total": "counter",
     "quotopia_core_http_request_duration_seconds": "histogram",

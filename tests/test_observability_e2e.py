@@ -1,8 +1,9 @@
 """Observability end to end: real FT, Core and recorder, scraped by the shipped
 Prometheus config.
 
-FT, Core, the recorder (into a SQLite file of the test's own) and a private
-Prometheus (tests/_prometheus.py) run as processes on 127.0.0.1, Prometheus with
+FT (publishing to a private Kafka broker, tests/_kafka.py, as well), Core, the
+recorder (into a SQLite file of the test's own) and a private Prometheus
+(tests/_prometheus.py) run as processes on 127.0.0.1, Prometheus with
 deploy/monitoring's rules and a 1 s scrape. The test checks the contract of the
 metric catalogue (tests/_monitoring.py) against what the services really export,
 that every dashboard panel has data, and that Prometheus sees FT die.
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from _kafka import tansu_broker
 from _monitoring import CATALOGUE, dashboard_queries, exported_names, substitute_intervals
 from _prometheus import Prometheus, running_prometheus
 from _services import ft_metrics_port, http_get, running_core, running_ft, running_recorder
@@ -49,7 +51,9 @@ def _exported(prometheus: Prometheus, job: str) -> set[str]:
 def test_metrics_dashboard_and_an_outage_through_prometheus(tmp_path: Path) -> None:
     database = f"sqlite:///{tmp_path / 'quotes.db'}"
     with (
-        running_ft("--metrics-port", "0") as ft,
+        tansu_broker() as broker,
+        # Tansu refuses aiokafka's idempotent producer (tests/test_kafka_harness.py).
+        running_ft("--kafka", broker.bootstrap, "--no-kafka-idempotence") as ft,
         running_core(ft.port, "--db", database) as core,
         # Started once FT has ticked, as in compose (it waits for FT to be
         # healthy): it joins FT's runs late, so the per-symbol gap counters exist
@@ -66,6 +70,7 @@ def test_metrics_dashboard_and_an_outage_through_prometheus(tmp_path: Path) -> N
             for job in targets:
                 prometheus.wait_for(f'up{{job="{job}"}} == 1')
             prometheus.wait_for("quotopia_ft_ticks_total > 0")
+            prometheus.wait_for("quotopia_ft_kafka_quotes_sent_total > 0")
             prometheus.wait_for("quotopia_core_feed_connected == 1")
             prometheus.wait_for("quotopia_recorder_ready == 1")
             prometheus.wait_for("quotopia_recorder_rows_written_total > 0")
