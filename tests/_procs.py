@@ -18,11 +18,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import IO, NoReturn, TypeVar
 
 import pytest
+from _waiting import wait_until
 
 __all__ = [
     "QuotopiaProcess",
@@ -59,27 +60,6 @@ def missing_server(message: str, *, in_ci: str | None = None) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(in_ci or message)
     pytest.skip(message)
-
-
-def wait_until(
-    probe: Callable[[], T | None],
-    timeout: float,
-    *,
-    interval: float = 0.02,
-    what: str = "condition",
-) -> T:
-    """Call ``probe`` until it returns something other than None or False; return that.
-
-    Raises :class:`AssertionError` naming ``what`` if ``timeout`` seconds pass first.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result is not None and result is not False:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class _LineReader:

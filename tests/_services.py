@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from _procs import QuotopiaProcess, clean_env
+from _waiting import DEADLINE
 from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
@@ -51,8 +52,6 @@ __all__ = [
     "usage_error",
 ]
 
-#: Bound on anything that should take a second or two, on a noisy 2-core machine.
-DEADLINE = 20.0
 
 #: FT's start line; group 1 is its port.
 FT_READY = r"FT listening on 127\.0\.0\.1:(\d+) \("
