@@ -95,6 +95,7 @@ CATALOGUE: Mapping[str, str] = {
     "quotopia_core_http_request_duration_seconds": "histogram",
     "quotopia_core_feed_connected": "gauge",
     "quotopia_core_feed_reconnects_total": "counter",
+    "quotopia_core_feed_rejected_total": "counter",
     "quotopia_core_quotes_received_total": "counter",
     "quotopia_core_quote_age_seconds": "gauge",
     "quotopia_core_price": "gauge",

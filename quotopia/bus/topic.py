@@ -51,9 +51,7 @@ def parse_bootstrap(text: str) -> str:
 def check_topic(name: str) -> str:
     """``name`` if Kafka accepts it as a topic name; otherwise a ValueError."""
     if not _TOPIC.fullmatch(name) or name in (".", ".."):
-        raise ValueError(
-            f"bad Kafka topic {name!r}: 1 to 249 of the characters a-z A-Z 0-9 . _ -"
-        )
+        raise ValueError(f"bad Kafka topic {name!r}: 1 to 249 of the characters a-z A-Z 0-9 . _ -")
     return name
 
 

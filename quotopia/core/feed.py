@@ -4,6 +4,9 @@ Core runs on Trio; grpclib is asyncio-only. trio-asyncio bridges the two: each
 session (open channel, open stream, read until it ends) is one asyncio coroutine,
 wrapped once with :func:`trio_asyncio.aio_as_trio`. Driving the channel piecewise
 from Trio would leak it on cancellation.
+
+The other source, the Kafka topic (``--source kafka``), is a session of the same
+shape (:mod:`quotopia.core.kafka_feed`), kept by the same supervisor.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 import trio
 import trio_asyncio
@@ -31,12 +35,64 @@ from quotopia.grpc_feed import (
     snapshot_size,
 )
 
-__all__ = ["FeedEnded", "FeedStalled", "Session", "grpc_session", "supervise_feed"]
+__all__ = [
+    "FeedEnded",
+    "FeedOrigin",
+    "FeedStalled",
+    "FeedUnavailable",
+    "Session",
+    "feed_origin",
+    "grpc_session",
+    "supervise_feed",
+]
 
 logger = logging.getLogger("quotopia.core")
 
 #: One feed session: connect, stream into the store, return when the stream ends.
 Session = Callable[[CoreConfig, QuoteStore], Awaitable[None]]
+
+
+class FeedUnavailable(Exception):
+    """The source is there, but not what the feed reads from it (a Kafka topic not
+    created yet): retried like an absent FT."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeedOrigin:
+    """Where the feed comes from, as :func:`supervise_feed` tells it."""
+
+    #: The source in one word: ``FT``, ``Kafka``.
+    name: str
+    #: ``FT at HOST:PORT``, ``Kafka topic quotes at HOST:PORT``.
+    where: str
+    #: The same, as log fields.
+    fields: Mapping[str, str]
+    #: What the source raises in normal life (absent, restarting, unreachable).
+    expected: tuple[type[Exception], ...]
+    #: Why one of those happened, in a few words.
+    describe: Callable[[Exception], str]
+
+
+def feed_origin(config: CoreConfig) -> FeedOrigin:
+    """Where ``config`` has Core's feed come from."""
+    if config.source == "kafka":
+        # Imported here: a Core fed over gRPC never loads aiokafka.
+        from quotopia.bus import admin
+
+        return FeedOrigin(
+            "Kafka",
+            f"Kafka topic {config.kafka_topic} at {config.kafka}",
+            {"kafka": str(config.kafka), "topic": config.kafka_topic},
+            admin.EXPECTED_FAILURES,
+            admin.describe_failure,
+        )
+    return FeedOrigin(
+        "FT",
+        f"FT at {config.ft_addr}",
+        {"ft_addr": config.ft_addr},
+        EXPECTED_FAILURES,
+        describe_failure,
+    )
 
 
 async def _aio_session(config: CoreConfig, store: QuoteStore) -> None:
@@ -84,25 +140,28 @@ async def supervise_feed(
     session: Session = grpc_session,
     rng: random.Random | None = None,
 ) -> None:
-    """Keep a session to FT open forever, reconnecting with backoff after each loss.
+    """Keep a session to the feed's source (FT, or the Kafka topic: see
+    :func:`feed_origin`) open forever, reconnecting with backoff after each loss.
 
     Returns only by cancellation. The delay resets after a session that delivered data.
 
-    Error handling: expected failures (see :data:`EXPECTED_FAILURES`) are logged as
-    one WARNING line; anything else is a bug, logged at ERROR with its traceback,
-    and retried all the same so one bad message cannot take the feed down for good.
+    Error handling: expected failures (the source's :attr:`FeedOrigin.expected`)
+    are logged as one line, WARNING if the feed was up, else INFO; anything else is
+    a bug, logged at ERROR with its traceback, and retried all the same so one bad
+    message cannot take the feed down for good.
     """
+    origin = feed_origin(config)
     backoff = Backoff(config.backoff_initial, config.backoff_cap, rng=rng)
-    logger.info("connecting to FT at %s", config.ft_addr)
+    logger.info("connecting to %s", origin.where, extra=dict(origin.fields))
     while True:
         received = store.updates
         try:
             await session(config, store)
             reason = "stream ended"
-        except (FeedEnded, FeedStalled) as exc:
+        except (FeedEnded, FeedStalled, FeedUnavailable) as exc:
             reason = str(exc)
-        except EXPECTED_FAILURES as exc:
-            reason = describe_failure(exc)
+        except origin.expected as exc:
+            reason = origin.describe(exc)
         except Exception as exc:
             logger.error("feed session failed unexpectedly", exc_info=exc)
             reason = f"unexpected {type(exc).__name__}"
@@ -111,9 +170,11 @@ async def supervise_feed(
         if store.updates > received:
             backoff.reset()
         delay = backoff.next_delay()
-        fields = {"reason": reason, "delay": round(delay, 3), "ft_addr": config.ft_addr}
+        fields = {"reason": reason, "delay": round(delay, 3), **origin.fields}
         if was_connected:
             logger.warning("feed lost: %s; retrying in %.2fs", reason, delay, extra=fields)
         else:
-            logger.info("FT unavailable: %s; retrying in %.2fs", reason, delay, extra=fields)
+            logger.info(
+                "%s unavailable: %s; retrying in %.2fs", origin.name, reason, delay, extra=fields
+            )
         await trio.sleep(delay)

@@ -57,14 +57,20 @@ STREAMING_ROUTES = frozenset({"/quotes/stream", "/ws"})
 
 class CoreMetrics(Collector):
     """Core's registry: request metrics, and a collector over the store and the
-    push hub (if any)."""
+    push hub (if any). ``rejected`` counts the feed's undecodable records (the
+    Kafka source's); without it, that counter stays at 0."""
 
     def __init__(
-        self, store: QuoteStore, ready: Callable[[], bool], hub: PushHub | None = None
+        self,
+        store: QuoteStore,
+        ready: Callable[[], bool],
+        hub: PushHub | None = None,
+        rejected: Callable[[], int] | None = None,
     ) -> None:
         self._store = store
         self._ready = ready
         self._hub = hub
+        self._rejected = rejected
         self.registry: CollectorRegistry = new_registry("core")
         self.requests = Counter(
             "quotopia_core_http_requests",
@@ -114,6 +120,11 @@ class CoreMetrics(Collector):
             "quotopia_core_feed_reconnects",
             "Times the feed was re-established after a loss.",
             value=store.reconnects,
+        )
+        yield CounterMetricFamily(
+            "quotopia_core_feed_rejected",
+            "Feed records skipped because they hold no readable quote.",
+            value=self._rejected() if self._rejected is not None else 0,
         )
         received = CounterMetricFamily(
             "quotopia_core_quotes_received", "Quotes applied to the store.", labels=["symbol"]

@@ -5,14 +5,15 @@
     quotopia core ── trio.run
       shutdown_on_signals ............ signal watcher: SIGTERM/SIGINT → shutdown_trigger returns
         serve()
-          trio_asyncio.open_loop()     (grpclib needs an asyncio loop)
+          trio_asyncio.open_loop()     (grpclib and aiokafka need an asyncio loop)
             nursery
             ├─ hypercorn.trio.serve .. the quart-trio app behind PreparedQuotes (the two
             │                          hot GETs); returns on shutdown_trigger
             │    └─ one task per request; a push connection (SSE, WebSocket) reads
             │       the hub until it ends; a history request waits for its query in
             │       a worker thread (HistoryReader)
-            ├─ supervise_feed ........ reconnect loop → one gRPC session → store
+            ├─ supervise_feed ........ reconnect loop → one gRPC session (or, with
+            │                          --source kafka, one Kafka session) → store
             ├─ hub.deliver ........... each tick, straight to every event stream that keeps up
             └─ hub.watch ............. once a second: SSE heartbeats, slow push clients
 
@@ -40,7 +41,7 @@ from hypercorn.typing import ASGIFramework
 
 from quotopia.core.app import PreparedQuotes, create_app
 from quotopia.core.config import CoreConfig
-from quotopia.core.feed import Session, grpc_session, supervise_feed
+from quotopia.core.feed import Session, feed_origin, grpc_session, supervise_feed
 from quotopia.core.history import HistoryReader
 from quotopia.core.http import (
     FinishResponses,
@@ -70,7 +71,7 @@ async def serve(
     config: CoreConfig,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
-    session: Session = grpc_session,
+    session: Session | None = None,
     listener: socket.socket | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -79,12 +80,19 @@ async def serve(
     Listens on ``config.host:config.port``, or on ``listener`` if given: a bound,
     listening socket (one worker's share of ``quotopia core --workers``), which
     ``serve`` takes over. Calls ``task_status.started(port)`` once listening, with
-    the real port.
+    the real port. ``session`` replaces the feed's session (by default a gRPC
+    session to FT, or with ``config.source == "kafka"`` a Kafka session).
     """
     store = QuoteStore()
     lifecycle = Lifecycle()
     hub = PushHub(store, config.push, cut=cut_connection)
-    metrics = CoreMetrics(store, ready=lambda: readiness(lifecycle, store).ok, hub=hub)
+    rejected = None
+    if session is None:
+        session, rejected = _feed_session(config)
+    metrics = CoreMetrics(
+        store, ready=lambda: readiness(lifecycle, store).ok, hub=hub, rejected=rejected
+    )
+    origin = feed_origin(config)
     history = HistoryReader(config.database_url)
     quart_app = create_app(store, metrics, lifecycle, hub, ft_addr=config.ft_addr, history=history)
     app = MeasureRequests(
@@ -118,14 +126,14 @@ async def serve(
             port = int(binds[0].rsplit(":", 1)[1])
             if listener is None:
                 logger.info(
-                    "Core listening on http://%s:%d, feed from FT at %s",
+                    "Core listening on http://%s:%d, feed from %s",
                     config.host,
                     port,
-                    config.ft_addr,
+                    origin.where,
                 )
             else:
                 # The parent announces the port, once for all its workers.
-                logger.info("serving port %d, feed from FT at %s", port, config.ft_addr)
+                logger.info("serving port %d, feed from %s", port, origin.where)
             if history.configured:
                 logger.info("history from %s (read only)", history.describe())
             else:
@@ -136,6 +144,18 @@ async def serve(
             lifecycle.serving()
             task_status.started(port)
     logger.info("Core stopped")
+
+
+def _feed_session(config: CoreConfig) -> tuple[Session, Callable[[], int] | None]:
+    """The session ``config.source`` names, and its count of rejected records
+    (None: it has none)."""
+    if config.source != "kafka":
+        return grpc_session, None
+    # Imported here: a Core fed over gRPC never loads aiokafka.
+    from quotopia.core.kafka_feed import KafkaFeed
+
+    kafka = KafkaFeed()
+    return kafka, lambda: kafka.rejected
 
 
 def _draining_first(
