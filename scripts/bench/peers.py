@@ -222,19 +222,28 @@ def _serve_core_instrumented(args: argparse.Namespace) -> None:
 
     QuoteStore.apply = recorded  # type: ignore[method-assign]
     try:
-        _run_core(args.ft_addr, port=args.port, host=args.host)
+        _run_core(
+            args.ft_addr, port=args.port, host=args.host, source=args.source, kafka=args.kafka
+        )
     finally:
         Path(args.record).write_text(json.dumps(arrivals))
 
 
-def _run_core(ft_addr: str, *, port: int, host: str = "127.0.0.1") -> None:
+def _run_core(
+    ft_addr: str,
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    source: str = "grpc",
+    kafka: str | None = None,
+) -> None:
     import trio
 
     from quotopia.core import server
     from quotopia.core.config import CoreConfig
     from quotopia.shutdown import shutdown_on_signals
 
-    config = CoreConfig(host=host, port=port, ft_addr=ft_addr)
+    config = CoreConfig(host=host, port=port, ft_addr=ft_addr, source=source, kafka=kafka)
 
     async def main() -> None:
         async with shutdown_on_signals(logger) as trigger:
@@ -353,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     probed = commands.add_parser("core-instrumented", help="Core, timing each quote's arrival")
     probed.add_argument("--ft-addr", required=True)
     probed.add_argument("--record", required=True, help="JSON file written at exit")
+    probed.add_argument("--source", choices=("grpc", "kafka"), default="grpc")
+    probed.add_argument("--kafka", help="bootstrap servers, with --source kafka")
 
     sse = commands.add_parser("sse", help="FastAPI + sse-starlette on uvicorn, fed by FT")
     sse.add_argument("--ft-addr", required=True)
