@@ -428,6 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_GROUP,
         "with --source kafka, the consumer group; recorders in one group share the partitions",
     )
+    _option(
+        recorder,
+        "--kafka-session-timeout",
+        "RECORDER_KAFKA_SESSION_TIMEOUT",
+        "10",
+        "with --source kafka, seconds a silent recorder keeps its partitions before the "
+        "group gives them to the others",
+        SECONDS,
+    )
     _add_database(recorder)
     _option(
         recorder,
@@ -644,6 +653,7 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             kafka=args.kafka,
             kafka_topic=args.kafka_topic,
             kafka_group=args.kafka_group,
+            kafka_session_timeout=args.kafka_session_timeout,
         )
         # grpclib is asyncio-only.
         return _service(partial(serve_recorder, recorder_config), "recorder", "asyncio", args)

@@ -125,6 +125,9 @@ CATALOGUE: Mapping[str, str] = {
     "quotopia_recorder_database_up": "gauge",
     "quotopia_recorder_retention_deleted_rows_total": "counter",
     "quotopia_recorder_ready": "gauge",
+    # The recorder, with --source kafka.
+    "quotopia_recorder_kafka_commits_total": "counter",
+    "quotopia_recorder_kafka_lag_records": "gauge",
 }
 
 #: Families the catalogue names only by prefix (prometheus_client's process and

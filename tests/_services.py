@@ -163,7 +163,7 @@ def running_recorder(
     """The recorder, once it records (its ``port`` is its metrics endpoint's)."""
     with QuotopiaProcess(*recorder_args(ft_port, database, *flags), env=env) as process:
         ready, ready_at = process.wait_for_line_at(RECORDER_METRICS, DEADLINE)
-        process.wait_for_line(r"recording quotes from FT", DEADLINE)
+        process.wait_for_line(r"recording quotes from ", DEADLINE)
         yield Service(process, int(ready[1]), ready_at)
 
 

@@ -6,12 +6,14 @@ Core through trio-asyncio.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-__all__ = ["EXPECTED_FAILURES", "describe_failure", "ensure_topic"]
+__all__ = ["EXPECTED_FAILURES", "describe_failure", "ensure_topic", "stop_consumer"]
 
 logger = logging.getLogger("quotopia.bus")
 
@@ -61,3 +63,27 @@ async def ensure_topic(
         extra={"topic": topic, "partitions": partitions},
     )
     return True
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Stop ``consumer``, closing its connections, whatever aiokafka raises on the way.
+
+    aiokafka 0.14's stop() cancels tasks of its own and then awaits them, so a task
+    cancelled before it ran (aio-libs/aiokafka#647), or one that was waiting out a
+    retry (a fetch from a broker that went away, #983), lets a CancelledError out
+    of stop(), before it has closed the connections. Such an error is not a
+    cancellation of this session: it is absorbed here. A real one (the session's
+    task is being cancelled) is re-raised, after the connections are closed.
+    """
+    try:
+        # The task that start() left gets its first step (#647), even if the
+        # session's cancellation lands here.
+        await asyncio.sleep(0)
+    finally:
+        try:
+            await consumer.stop()
+        except asyncio.CancelledError:
+            await consumer._client.close()  # what stop() did not reach
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise

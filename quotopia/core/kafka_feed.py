@@ -66,6 +66,7 @@ from typing import Any
 import trio_asyncio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from quotopia.bus.admin import stop_consumer
 from quotopia.core.config import CoreConfig
 from quotopia.core.feed import FeedUnavailable, feed_origin
 from quotopia.core.store import QuoteStore
@@ -108,30 +109,6 @@ def is_newer(quote: DecodedQuote, held: DecodedQuote | None) -> bool:
     if quote.time_us is None or held.time_us is None:
         return True
     return (quote.time_us, quote.sequence) > (held.time_us, held.sequence)
-
-
-async def _stop(consumer: AIOKafkaConsumer) -> None:
-    """Stop ``consumer``, closing its connections, whatever aiokafka raises on the way.
-
-    aiokafka 0.14's stop() cancels tasks of its own and then awaits them, so a task
-    cancelled before it ran (aio-libs/aiokafka#647), or one that was waiting out a
-    retry (a fetch from a broker that went away, #983), lets a CancelledError out
-    of stop(), before it has closed the connections. Such an error is not a
-    cancellation of this session: it is absorbed here. A real one (the session's
-    task is being cancelled) is re-raised, after the connections are closed.
-    """
-    try:
-        # The task that start() left gets its first step (#647), even if the
-        # session's cancellation lands here.
-        await asyncio.sleep(0)
-    finally:
-        try:
-            await consumer.stop()
-        except asyncio.CancelledError:
-            await consumer._client.close()  # what stop() did not reach
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
-                raise
 
 
 class KafkaFeed:
@@ -220,7 +197,7 @@ class KafkaFeed:
                 f"no record from Kafka topic {topic} for {config.feed_timeout:g}s"
             ) from None
         finally:
-            await _stop(consumer)
+            await stop_consumer(consumer)
 
     async def _catch_up(
         self,

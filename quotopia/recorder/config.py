@@ -80,6 +80,9 @@ class RecorderConfig:
     kafka_topic: str = DEFAULT_TOPIC
     #: The consumer group: recorders in one group share the topic's partitions.
     kafka_group: str = DEFAULT_GROUP
+    #: Seconds a group member may stay silent before Kafka counts it gone and moves
+    #: its partitions to the others (heartbeats go at a third of it, 3 s at most).
+    kafka_session_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         from quotopia.history.database import parse_database_url
@@ -93,6 +96,10 @@ class RecorderConfig:
         check_topic(self.kafka_topic)
         if not self.kafka_group.strip():
             raise ValueError("the Kafka consumer group needs a name")
+        if not (math.isfinite(self.kafka_session_timeout) and self.kafka_session_timeout >= 0.5):
+            raise ValueError(
+                f"Kafka session timeout must be at least 0.5 s, got {self.kafka_session_timeout}"
+            )
 
         if parse_database_url(self.database) is None:
             raise ValueError(

@@ -77,6 +77,10 @@ class RecorderMetrics(Collector):
         self.newest_committed = 0.0
         self.feed_connected = False
         self.feed_sessions = 0
+        #: With --source kafka: offset commits, and records behind the partitions' ends.
+        self.kafka: bool = False
+        self.kafka_commits = 0
+        self.kafka_lag = 0
         self.database_up = False
         self.retention_deleted = 0
         self.registry: CollectorRegistry = new_registry("recorder")
@@ -159,6 +163,17 @@ class RecorderMetrics(Collector):
         yield CounterMetricFamily(
             "quotopia_recorder_feed_sessions", "Feed sessions opened.", value=self.feed_sessions
         )
+        if self.kafka:
+            yield CounterMetricFamily(
+                "quotopia_recorder_kafka_commits",
+                "Offset commits to the consumer group, each after a database commit.",
+                value=self.kafka_commits,
+            )
+            yield GaugeMetricFamily(
+                "quotopia_recorder_kafka_lag_records",
+                "Records of this member's partitions not read yet (the consumer lag).",
+                value=self.kafka_lag,
+            )
         yield GaugeMetricFamily(
             "quotopia_recorder_database_up",
             "1 while the last database call succeeded.",

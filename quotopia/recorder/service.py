@@ -13,7 +13,10 @@
                           retried with backoff, cut short by ``stopping``
                    ├─ writer ..... buffer → batches → one transaction each
                    ├─ retention .. (with --retention) small deletes, every minute
-                   └─ feed ....... FT's stream → checks, gaps → buffer (bounded)
+                   └─ feed ....... FT's stream → checks, gaps → buffer (bounded);
+                                   or, with --source kafka, the consumer group
+                                   (quotopia.recorder.kafka_feed), whose offsets
+                                   are committed after the writer's commits
 
 The buffer between the feed and the writer is a bounded memory stream. While the
 database is slow or down the writer holds its batch and retries; the buffer
@@ -72,6 +75,7 @@ from quotopia.history.schema import SYMBOL_LENGTH
 from quotopia.quote_codec import DecodedQuote, DecodeError, decode_quote
 from quotopia.recorder.config import RecorderConfig
 from quotopia.recorder.gaps import Gap, GapTracker
+from quotopia.recorder.kafka_feed import KafkaFeed
 from quotopia.recorder.metrics import RecorderMetrics
 from quotopia.telemetry.endpoint import TelemetryApp, serve_endpoint
 from quotopia.telemetry.probes import Lifecycle, ProbeAnswer
@@ -201,6 +205,17 @@ class _Recorder:
         #: Quotes handed to the database and not yet committed.
         self.in_flight = 0
         self._rejected_logged = False
+        #: With --source kafka, the consumer-group feed (else FT's gRPC stream).
+        self.kafka: KafkaFeed | None = None
+        if config.source == "kafka":
+            session_ms = round(config.kafka_session_timeout * 1000)
+            self.kafka = KafkaFeed(
+                config,
+                metrics,
+                self._accept,
+                session_timeout_ms=session_ms,
+                heartbeat_interval_ms=max(100, min(3000, session_ms // 3)),
+            )
 
     async def run(
         self,
@@ -210,7 +225,13 @@ class _Recorder:
         # Both ends are closed however this ends: the writer and the feed close
         # theirs when they run, and the start may end before either does.
         with send, receive:
-            await self._run(send, receive)
+            try:
+                await self._run(send, receive)
+            finally:
+                if self.kafka is not None:
+                    # Cancelled without a drain (or a drain cut short): the
+                    # consumer's connections are closed all the same.
+                    await self.kafka.close()
 
     async def _run(
         self,
@@ -226,13 +247,18 @@ class _Recorder:
             if self.config.retention is not None:
                 tg.start_soon(self._retain, self.config.retention)
             async with send, anyio.create_task_group() as feed:
-                feed.start_soon(self._follow_feed, send)
+                if self.kafka is None:
+                    feed.start_soon(self._follow_feed, send)
+                    source = f"FT at {self.config.ft_addr}"
+                else:
+                    feed.start_soon(self.kafka.follow, send)
+                    source = self.kafka.where
                 self.lifecycle.serving()
                 logger.info(
-                    "recording quotes from FT at %s into %s",
-                    self.config.ft_addr,
+                    "recording quotes from %s into %s",
+                    source,
                     describe_url(self.url),
-                    extra={"ft_addr": self.config.ft_addr},
+                    extra={"source": self.config.source},
                 )
                 await self.stopping.wait()
                 self.lifecycle.draining()
@@ -248,6 +274,9 @@ class _Recorder:
                     left,
                     extra={"quotes": left},
                 )
+            if self.kafka is not None:
+                # Once the writer is done: the last offsets, then leave the group.
+                await self.kafka.finish()
             tg.cancel_scope.cancel()
 
     # -- start ---------------------------------------------------------------
@@ -404,6 +433,8 @@ class _Recorder:
                 self.in_flight = len(batch)
                 await self._commit(batch, backoff)
                 self.in_flight = 0
+                if self.kafka is not None:
+                    self.kafka.ledger.wrote(len(batch))
         done.set()
 
     async def _commit(self, batch: Sequence[StoredQuote], backoff: Backoff) -> None:
