@@ -8,15 +8,32 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-__all__ = ["COMPOSE", "environment", "load_compose"]
+__all__ = ["COMPOSE", "FULL_COMPOSE", "environment", "load_compose", "merged"]
 
 COMPOSE = Path(__file__).resolve().parents[1] / "compose.yaml"
+#: The full stack's overlay: ``docker compose -f compose.yaml -f compose.full.yaml``.
+FULL_COMPOSE = COMPOSE.with_name("compose.full.yaml")
 
 
-def load_compose() -> dict[str, Any]:
-    loaded = YAML(typ="safe").load(COMPOSE)
+def load_compose(path: Path = COMPOSE) -> dict[str, Any]:
+    loaded = YAML(typ="safe").load(path)
     assert isinstance(loaded, dict)
     return loaded
+
+
+def merged(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """``overlay`` merged into ``base`` as ``docker compose -f base -f overlay`` does
+    for what these files use: mappings (services, environment, depends_on,
+    volumes) merge key by key, anything else in the overlay replaces the base's.
+    (Compose appends some sequences, ports and volumes among them; the overlay
+    sets none of those on a service the base has, which the tests check.)"""
+    result = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = value
+    return result
 
 
 def environment(service: Mapping[str, Any]) -> dict[str, str]:

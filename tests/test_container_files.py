@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from types import ModuleType
 
 import pytest
-from _compose import environment, load_compose
+from _compose import FULL_COMPOSE, environment, load_compose, merged
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -158,6 +158,7 @@ def test_compose_matches_compose_spec_schema() -> None:
             "--builtin-schema",
             "vendor.compose-spec",
             str(COMPOSE),
+            str(FULL_COMPOSE),
         ],
         capture_output=True,
         text=True,
@@ -240,6 +241,85 @@ def test_compose_runs_the_commands_the_e2e_tests_run() -> None:
     assert scripts["quotopia"] == "quotopia.cli:main"
     main_module = (ROOT / "quotopia" / "__main__.py").read_text(encoding="utf-8")
     assert "from quotopia.cli import main" in main_module
+
+
+def _documented_variables(command: str) -> set[str]:
+    """The environment variables ``quotopia COMMAND --help`` names (``env NAME``)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "quotopia", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return set(re.findall(r"env\s+([A-Z][A-Z0-9_]+)", result.stdout))
+
+
+#: Variables a service reads that are not its flags': the health probe's.
+_NOT_FLAGS = re.compile(r"QUOTOPIA_SERVICE")
+
+
+@pytest.mark.parametrize("path", [COMPOSE, FULL_COMPOSE], ids=lambda p: p.name)
+def test_compose_sets_only_variables_the_commands_read(path: Path) -> None:
+    """A misspelt variable in a compose file would be silently ignored: each one
+    a quotopia service sets must be one its command documents."""
+    services = load_compose(path)["services"]
+    for name, args in SERVICE_ARGS.items():
+        if name not in services:
+            continue
+        documented = _documented_variables(args[0])
+        unknown = {
+            variable
+            for variable in environment(services[name])
+            if not _NOT_FLAGS.fullmatch(variable) and variable not in documented
+        }
+        assert not unknown, f"{path.name}: {name} sets {sorted(unknown)}, not in --help"
+
+
+def test_full_stack_wires_kafka_and_postgresql() -> None:
+    """compose.yaml + compose.full.yaml: FT publishes to the broker, Core reads the
+    topic as a broadcast, the recorder as a consumer group, both on PostgreSQL;
+    each waits for the servers it needs to be healthy."""
+    base, overlay = load_compose(), load_compose(FULL_COMPOSE)
+    stack = merged(base, overlay)
+    services = stack["services"]
+    # The overlay adds the two servers and only settings to the existing services.
+    assert set(services) == set(base["services"]) | {"kafka", "postgres"}
+    for name in SERVICE_ARGS:
+        assert set(overlay["services"][name]) <= {"environment", "depends_on"}, name
+    for name in ("kafka", "postgres"):
+        server = services[name]
+        assert "profiles" not in server, name
+        assert server["networks"] == ["quotopia-network"], name
+        assert server["healthcheck"]["test"][:1] == ["CMD"], name
+        (volume,) = server["volumes"]
+        assert volume.split(":")[0] in stack["volumes"], f"{name}: keep its data in a volume"
+
+    kafka = environment(services["kafka"])
+    assert kafka["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
+    assert kafka["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
+    ft, core, recorder = (environment(services[name]) for name in ("ft", "core", "recorder"))
+    for env in (ft, core, recorder):
+        assert env["QUOTOPIA_KAFKA"] == "kafka:9092"
+        assert env["QUOTOPIA_KAFKA_TOPIC"] == "quotes"
+    assert core["CORE_SOURCE"] == "kafka"
+    assert recorder["RECORDER_SOURCE"] == "kafka"
+    assert recorder["RECORDER_KAFKA_GROUP"]
+
+    postgres = environment(services["postgres"])
+    url = core["QUOTOPIA_DB"]
+    assert recorder["QUOTOPIA_DB"] == url
+    user, database = postgres["POSTGRES_USER"], postgres["POSTGRES_DB"]
+    assert url == f"postgresql://{user}:{postgres['POSTGRES_PASSWORD']}@postgres:5432/{database}"
+
+    healthy = {"condition": "service_healthy"}
+    assert services["ft"]["depends_on"] == {"kafka": healthy}
+    for name in ("core", "recorder"):
+        assert services[name]["depends_on"] == {
+            "ft": healthy,
+            "kafka": healthy,
+            "postgres": healthy,
+        }, name
 
 
 # --- requirements.lock ------------------------------------------------------------
