@@ -721,7 +721,14 @@ def _database_command(args: argparse.Namespace) -> Callable[[], int]:
 def _service(
     serve: Callable[..., Awaitable[None]], service: str, backend: str, args: argparse.Namespace
 ) -> Callable[[], int]:
-    """Run ``serve(shutdown_trigger=...)`` until SIGTERM/SIGINT, then return exit status 0."""
+    """Run ``serve(shutdown_trigger=...)`` until SIGTERM/SIGINT, then return exit status 0.
+
+    Tracing is set up from the ``OTEL_*`` variables here, so a bad one is a
+    one-line error (exit status 2) before anything starts.
+    """
+    from quotopia.telemetry import tracing
+
+    tracing.check_environment()
 
     async def main() -> None:
         async with shutdown_on_signals(logging.getLogger(f"quotopia.{service}")) as trigger:
@@ -729,7 +736,11 @@ def _service(
 
     def run() -> int:
         logs.configure(args.log_level, args.log_format, service)
-        anyio.run(main, backend=backend)
+        tracing.configure_tracing(service)
+        try:
+            anyio.run(main, backend=backend)
+        finally:
+            tracing.shutdown_tracing()
         return 0
 
     return run

@@ -35,7 +35,8 @@ __all__ = [
 T = TypeVar("T")
 
 #: Environment variables the CLI reads; a test must not inherit them by accident.
-_CLI_ENV_PREFIXES = ("FT_", "CORE_", "QUOTOPIA_", "RECORDER_")
+# OTEL_: a developer's tracing settings are not the test's.
+_CLI_ENV_PREFIXES = ("FT_", "CORE_", "QUOTOPIA_", "RECORDER_", "OTEL_")
 _CLI_ENV_NAMES = ("LOG_LEVEL", "LOG_FORMAT")
 
 
