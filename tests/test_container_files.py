@@ -255,8 +255,9 @@ def _documented_variables(command: str) -> set[str]:
     return set(re.findall(r"env\s+([A-Z][A-Z0-9_]+)", result.stdout))
 
 
-#: Variables a service reads that are not its flags': the health probe's.
-_NOT_FLAGS = re.compile(r"QUOTOPIA_SERVICE")
+#: Variables a service reads that are not its flags': the health probe's, and
+#: OpenTelemetry's standard ones (quotopia/telemetry/tracing.py checks them).
+_NOT_FLAGS = re.compile(r"QUOTOPIA_SERVICE|OTEL_\w+")
 
 
 @pytest.mark.parametrize("path", [COMPOSE, FULL_COMPOSE], ids=lambda p: p.name)

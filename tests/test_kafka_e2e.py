@@ -12,9 +12,11 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from _kafka import TansuBroker, tansu_broker
+from _otlp import ReceivedSpan, otlp_receiver
 from _postgres import Postgres
 from _procs import QuotopiaProcess
 from _services import DEADLINE, ft_args, http_get, recorder_args, scrape
@@ -31,17 +33,19 @@ TICK = 0.05
 
 
 @contextmanager
-def ft(broker: TansuBroker) -> Iterator[QuotopiaProcess]:
+def ft(broker: TansuBroker, env: dict[str, str] | None = None) -> Iterator[QuotopiaProcess]:
     # Tansu refuses aiokafka's idempotent producer (tests/test_kafka_harness.py).
     with QuotopiaProcess(
-        *ft_args("--kafka", broker.bootstrap, "--no-kafka-idempotence", tick=TICK)
+        *ft_args("--kafka", broker.bootstrap, "--no-kafka-idempotence", tick=TICK), env=env
     ) as process:
         process.wait_for_line(FT_READY, DEADLINE)
         yield process
 
 
 @contextmanager
-def recorder(broker: TansuBroker, database: str) -> Iterator[tuple[QuotopiaProcess, int]]:
+def recorder(
+    broker: TansuBroker, database: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[QuotopiaProcess, int]]:
     args = recorder_args(
         1,  # FT's address: unused with --source kafka
         database,
@@ -52,7 +56,7 @@ def recorder(broker: TansuBroker, database: str) -> Iterator[tuple[QuotopiaProce
         "--kafka-session-timeout",
         "2",
     )
-    with QuotopiaProcess(*args) as process:
+    with QuotopiaProcess(*args, env=env) as process:
         port = int(process.wait_for_line(RECORDER_METRICS, DEADLINE)[1])
         process.wait_for_line(r"recording quotes from Kafka topic quotes", DEADLINE)
         yield process, port
@@ -115,3 +119,67 @@ def test_ft_kafka_core_and_recorder_into_postgresql(postgres_server: Postgres) -
             status, page = http_get(core_port, "/quotes/BTC/history?limit=5")
             assert status == 200, page
             assert len(page["quotes"]) == 5
+
+
+def test_one_trace_from_ft_through_kafka_to_the_database_and_core_s_spans(
+    tmp_path: Path,
+) -> None:
+    """Tracing on in three real processes (OTEL_EXPORTER_OTLP_ENDPOINT to a receiver
+    of the test's own): a quote's path is one trace across FT and the recorder,
+    ``ft.tick`` → ``send quotes`` → ``process quotes`` → ``INSERT quotes``; Core's
+    request is a SERVER span named by its route, with its query as a child; its
+    feed session is a span of its own."""
+    database = f"sqlite:///{tmp_path / 'quotes.db'}"
+    with otlp_receiver() as receiver, tansu_broker() as broker:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        with ft(broker, env) as feed, recorder(broker, database, env) as (rec, _port):
+            wait_until(lambda: len(rows(database)) >= 30, DEADLINE, what="30 rows")
+            core_args = ["core", "--host", "127.0.0.1", "--port", "0", "--source", "kafka"]
+            core_args += ["--kafka", broker.bootstrap, "--db", database]
+            with QuotopiaProcess(*core_args, env=env) as core:
+                core_port = int(core.wait_for_line(CORE_KAFKA_READY, DEADLINE)[1])
+                wait_until(lambda: http_get(core_port, "/readyz")[0] == 200, DEADLINE, what="ready")
+                assert http_get(core_port, "/quotes/BTC/history?limit=3")[0] == 200
+                core.signal(signal.SIGTERM)
+                assert core.wait(DEADLINE) == 0
+            for process in (rec, feed):
+                process.signal(signal.SIGTERM)
+                assert process.wait(DEADLINE) == 0
+
+        def complete(spans: list[ReceivedSpan]) -> bool:
+            names = {s.name for s in spans}
+            return {"INSERT quotes", "GET /quotes/{symbol}/history", "receive quotes"} <= names
+
+        spans = receiver.wait_for(complete)
+    by_id = {s.span_id: s for s in spans}
+
+    def parent(span: ReceivedSpan) -> ReceivedSpan | None:
+        return None if span.parent_span_id is None else by_id.get(span.parent_span_id)
+
+    whole = 0
+    for insert in (s for s in spans if s.name == "INSERT quotes"):
+        batch = parent(insert)
+        assert batch is not None
+        assert (batch.name, batch.kind) == ("process quotes", "CONSUMER")
+        send = parent(batch)
+        if send is None:
+            continue  # a batch of several sends: linked, not parented
+        tick = parent(send)
+        assert (send.name, send.kind, send.service_name) == (
+            "send quotes",
+            "PRODUCER",
+            "quotopia-ft",
+        )
+        assert tick is not None
+        assert tick.name == "ft.tick"
+        assert insert.service_name == batch.service_name == "quotopia-recorder"
+        assert len({s.trace_id for s in (tick, send, batch, insert)}) == 1
+        whole += 1
+    assert whole > 0
+    (request,) = [s for s in spans if s.name == "GET /quotes/{symbol}/history"]
+    assert (request.kind, request.service_name) == ("SERVER", "quotopia-core")
+    assert request.attributes["http.response.status_code"] == 200
+    queries = [s for s in spans if s.parent_span_id == request.span_id]
+    assert [(q.name, q.kind) for q in queries] == [("SELECT quotes", "CLIENT")]
+    (session,) = [s for s in spans if s.name == "receive quotes"]
+    assert session.service_name == "quotopia-core"

@@ -43,7 +43,7 @@ from _monitoring import (
 from _prometheus import CONTAINER_RULES_DIR, render_config, require_tool
 
 COMPOSE = REPO / "compose.yaml"
-MONITORING_SERVICES = ("prometheus", "grafana")
+MONITORING_SERVICES = ("prometheus", "grafana", "jaeger")
 #: Which environment variable sets the port each scraped service serves /metrics on.
 METRICS_PORT_VARIABLE = {
     "ft": "FT_METRICS_PORT",

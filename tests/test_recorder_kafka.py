@@ -353,3 +353,62 @@ async def test_an_undecodable_record_is_skipped_counted_and_committed(
     assert sample_total(samples, "quotopia_recorder_quotes_rejected_total") == 1
     # BTC's partition (2) holds 4 records: the garbage one's offset is committed too.
     assert (await committed(broker.bootstrap))[2] == 4
+
+
+# --- tracing: one trace from FT's tick to the insert --------------------------------
+
+
+async def test_one_trace_runs_from_a_tick_through_kafka_to_the_insert(
+    broker: TansuBroker, tmp_path: Path
+) -> None:
+    """FT and the recorder in-process with tracing on (the SDK's in-memory
+    exporter): a quote's path is one trace, ``ft.tick`` → ``send quotes``
+    (PRODUCER) → ``process quotes`` (CONSUMER) → ``INSERT quotes`` (CLIENT), and a
+    batch from several sends links to each."""
+    from opentelemetry.trace import SpanKind
+    from test_ft_kafka import ft_config, running_ft
+
+    from quotopia.telemetry import tracing
+
+    database = f"sqlite:///{tmp_path / 'quotes.db'}"
+    with tracing.capture_spans() as exporter:
+        async with (
+            running_ft(ft_config(broker.bootstrap, tick_interval=0.2)) as ft,
+            recorder(kafka_config(database, broker.bootstrap)) as running,
+        ):
+            await until(lambda: stored_count(database, 30), "30 rows")
+            await drain(running)
+            ft.stop.set()
+        spans = exporter.get_finished_spans()
+
+    by_id = {span.context.span_id: span for span in spans}
+
+    def parent(span: Any) -> Any:
+        return None if span.parent is None else by_id.get(span.parent.span_id)
+
+    inserts = [s for s in spans if s.name == "INSERT quotes"]
+    assert inserts, sorted({s.name for s in spans})
+    whole = 0
+    for insert in inserts:
+        assert insert.kind is SpanKind.CLIENT
+        process = parent(insert)
+        assert process is not None
+        assert process.name == "process quotes"
+        assert process.kind is SpanKind.CONSUMER
+        assert process.attributes["messaging.consumer.group.name"] == GROUP
+        send = parent(process)
+        if send is None:
+            # No one parent: a batch from several sends, linked to each.
+            assert len(process.links) > 1
+            continue
+        assert send.name == "send quotes"
+        assert send.kind is SpanKind.PRODUCER
+        tick = parent(send)
+        assert tick is not None
+        assert tick.name == "ft.tick"
+        assert tick.parent is None
+        assert {s.context.trace_id for s in (insert, process, send, tick)} == {
+            tick.context.trace_id
+        }
+        whole += 1
+    assert whole > 0, "no batch came from a single send: nothing to follow as one trace"

@@ -21,6 +21,7 @@ import trio
 import trio_asyncio
 from grpclib.client import Channel
 from grpclib.const import Cardinality
+from opentelemetry.trace import SpanKind
 
 from quotopia._proto import Quote, StreamQuotesRequest
 from quotopia.backoff import Backoff
@@ -34,6 +35,7 @@ from quotopia.grpc_feed import (
     describe_failure,
     snapshot_size,
 )
+from quotopia.telemetry import tracing
 
 __all__ = [
     "FeedEnded",
@@ -47,6 +49,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("quotopia.core")
+_tracer = tracing.tracer("quotopia.core")
 
 #: One feed session: connect, stream into the store, return when the stream ends.
 Session = Callable[[CoreConfig, QuoteStore], Awaitable[None]]
@@ -71,6 +74,8 @@ class FeedOrigin:
     expected: tuple[type[Exception], ...]
     #: Why one of those happened, in a few words.
     describe: Callable[[Exception], str]
+    #: The feed session's span name, while tracing.
+    span_name: str
 
 
 def feed_origin(config: CoreConfig) -> FeedOrigin:
@@ -85,6 +90,7 @@ def feed_origin(config: CoreConfig) -> FeedOrigin:
             {"kafka": str(config.kafka), "topic": config.kafka_topic},
             admin.EXPECTED_FAILURES,
             admin.describe_failure,
+            f"receive {config.kafka_topic}",
         )
     return FeedOrigin(
         "FT",
@@ -92,6 +98,7 @@ def feed_origin(config: CoreConfig) -> FeedOrigin:
         {"ft_addr": config.ft_addr},
         EXPECTED_FAILURES,
         describe_failure,
+        STREAM_QUOTES.lstrip("/"),
     )
 
 
@@ -156,7 +163,14 @@ async def supervise_feed(
     while True:
         received = store.updates
         try:
-            await session(config, store)
+            if tracing.enabled():
+                # One span per session, from connecting to its loss.
+                with _tracer.start_as_current_span(
+                    origin.span_name, kind=SpanKind.CLIENT, attributes=dict(origin.fields)
+                ):
+                    await session(config, store)
+            else:
+                await session(config, store)
             reason = "stream ended"
         except (FeedEnded, FeedStalled, FeedUnavailable) as exc:
             reason = str(exc)

@@ -29,6 +29,7 @@ from typing import Final, TypeVar
 
 import anyio
 from alembic.runtime.migration import MigrationContext
+from opentelemetry.trace import SpanKind
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -38,6 +39,7 @@ from quotopia.history.database import Database, describe_url
 from quotopia.history.queries import Candle, StoredQuote, candles, has_symbol, history_page
 from quotopia.history.request import CandleQuery, HistoryQuery
 from quotopia.history.schema import SYMBOL_LENGTH
+from quotopia.telemetry import tracing
 
 __all__ = [
     "NO_DATABASE",
@@ -53,6 +55,7 @@ __all__ = [
 T = TypeVar("T")
 
 logger = logging.getLogger("quotopia.core")
+_tracer = tracing.tracer("quotopia.core")
 
 #: The ``detail`` of each 503 answer.
 NO_DATABASE: Final = "no history database configured (--db)"
@@ -92,6 +95,7 @@ class HistoryReader:
     def __init__(self, url: URL | None, *, pool_size: int = 4) -> None:
         # create=False: no SQLite file (nor directory) appears just because Core started.
         self._database = None if url is None else Database(url, pool_size=pool_size, create=False)
+        self._engine_name = "none" if url is None else url.get_backend_name()
         #: Seen the schema since the last error? Then reads skip looking for it.
         self._schema_seen = False
         #: The detail of the outage going on (logged when it began), or None.
@@ -126,7 +130,7 @@ class HistoryReader:
                 return None
             return rows, cursor
 
-        return await self._read(work)
+        return await self._read(work, "history page")
 
     async def candles(self, query: CandleQuery, *, known: bool) -> list[Candle] | None:
         """The candles of a window; None if the symbol is neither ``known`` nor stored."""
@@ -137,9 +141,27 @@ class HistoryReader:
                 return None
             return found
 
-        return await self._read(work)
+        return await self._read(work, "candles")
 
-    async def _read(self, work: Callable[[Connection], T]) -> T:
+    async def _read(self, work: Callable[[Connection], T], what: str) -> T:
+        """``work`` in a worker thread; with tracing on, in a CLIENT span
+        ``SELECT quotes``, the child of the request's span."""
+        if not tracing.enabled():
+            return await self._read_now(work)
+        with _tracer.start_as_current_span(
+            "SELECT quotes",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "db.system.name": self._engine_name,
+                "db.operation.name": "SELECT",
+                "db.collection.name": "quotes",
+                "db.query.summary": "SELECT quotes",
+                "quotopia.query": what,
+            },
+        ):
+            return await self._read_now(work)
+
+    async def _read_now(self, work: Callable[[Connection], T]) -> T:
         database = self._database
         if database is None:
             raise HistoryUnavailable(NO_DATABASE)

@@ -41,6 +41,7 @@ logged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -49,12 +50,14 @@ from collections.abc import Sequence
 import anyio
 from aiokafka import AIOKafkaProducer
 from anyio.abc import TaskStatus
+from opentelemetry.trace import SpanContext, SpanKind
 
 from quotopia.backoff import Backoff
 from quotopia.bus.admin import EXPECTED_FAILURES, describe_failure, ensure_topic
 from quotopia.bus.topic import record_key
 from quotopia.ft.config import FTConfig
 from quotopia.ft.wire import EncodedQuote
+from quotopia.telemetry import tracing
 from quotopia.telemetry.metrics import FastHistogram
 
 __all__ = ["KafkaPublisher"]
@@ -68,6 +71,8 @@ BATCH_SIZE = 1000
 #: past it the batch fails and is retried. Short, so a dead broker is noticed
 #: (and stopping the producer is bounded) in seconds, not aiokafka's 40.
 REQUEST_TIMEOUT_MS = 5000
+_tracer = tracing.tracer("quotopia.ft")
+
 #: How long stopping a producer may take, in seconds (it waits for its batch).
 _STOP_TIMEOUT = REQUEST_TIMEOUT_MS / 1000 + 1
 
@@ -85,7 +90,9 @@ class KafkaPublisher:
         self.bootstrap = config.kafka
         self.topic = config.kafka_topic
         self._config = config
-        self._buffer: deque[EncodedQuote] = deque()
+        # Each quote with the span context of the tick that made it (None while
+        # tracing is off), so the batch that sends it can link to that tick.
+        self._buffer: deque[tuple[EncodedQuote, SpanContext | None]] = deque()
         self.capacity = config.kafka_buffer
         self._wakeup = anyio.Event()
         self._flushed = anyio.Event()
@@ -108,15 +115,16 @@ class KafkaPublisher:
         """Quotes waiting in the buffer (the batch in flight not included)."""
         return len(self._buffer)
 
-    def publish(self, tick: Sequence[EncodedQuote]) -> None:
-        """Queue one tick's quotes for the broker; never waits.
+    def publish(self, tick: Sequence[EncodedQuote], context: SpanContext | None = None) -> None:
+        """Queue one tick's quotes for the broker; never waits. ``context`` is the
+        tick's span (tracing on), which the batch that sends them links to.
 
         A full buffer drops its oldest quotes to make room (see the module's docstring).
         """
         if self._closed:
             return
         buffer = self._buffer
-        buffer.extend(tick)
+        buffer.extend([(quote, context) for quote in tick])
         excess = len(buffer) - self.capacity
         if excess > 0:
             for _ in range(excess):
@@ -206,11 +214,24 @@ class KafkaPublisher:
         self.in_flight = len(batch)
         acked = 0
         try:
-            topic = self.topic
-            futures = [
-                await producer.send(topic, quote.payload, key=record_key(quote.symbol))
-                for quote in batch
-            ]
+            if tracing.enabled():
+                links = tracing.links_to(context for _, context in batch)
+                with _tracer.start_as_current_span(
+                    f"send {self.topic}",
+                    context=tracing.batch_parent(links),
+                    kind=SpanKind.PRODUCER,
+                    links=links,
+                    attributes={
+                        "messaging.system": "kafka",
+                        "messaging.destination.name": self.topic,
+                        "messaging.operation.type": "send",
+                        "messaging.operation.name": "send",
+                        "messaging.batch.message_count": len(batch),
+                    },
+                ):
+                    futures = await self._send(producer, batch, tracing.kafka_headers())
+            else:
+                futures = await self._send(producer, batch, None)
             # Acknowledgements come in order within a partition; wait for them all,
             # and note where the first failure is.
             failed: BaseException | None = None
@@ -227,14 +248,28 @@ class KafkaPublisher:
         finally:
             self._account(batch, acked)
 
-    def _account(self, batch: list[EncodedQuote], acked: int) -> None:
+    async def _send(
+        self,
+        producer: AIOKafkaProducer,
+        batch: list[tuple[EncodedQuote, SpanContext | None]],
+        headers: list[tuple[str, bytes]] | None,
+    ) -> list[asyncio.Future[object]]:
+        """Hand ``batch`` to the producer, each record with ``headers`` (the send
+        span's trace context); return the acknowledgements to wait for."""
+        topic = self.topic
+        return [
+            await producer.send(topic, quote.payload, key=record_key(quote.symbol), headers=headers)
+            for quote, _ in batch
+        ]
+
+    def _account(self, batch: list[tuple[EncodedQuote, SpanContext | None]], acked: int) -> None:
         """Count the first ``acked`` quotes of ``batch`` as sent; the rest go back to
         the front of the buffer (the oldest first), within its capacity."""
         self.in_flight = 0
         self.sent += acked
         now = time.monotonic()  # the clock of EncodedQuote.generated_at
         latency = self.ack_latency
-        for quote in batch[:acked]:
+        for quote, _ in batch[:acked]:
             latency.observe(now - quote.generated_at)
         unsent = batch[acked:]
         if not unsent:

@@ -23,6 +23,7 @@ half-open. The metrics endpoint stops last, so the drain can be watched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
@@ -53,12 +54,15 @@ from quotopia.ft.metrics import FTMetrics
 from quotopia.ft.service import QuoteService
 from quotopia.ft.wire import EncodedQuote, encode_quotes, new_run_id
 from quotopia.market import Market, Quote
+from quotopia.telemetry import tracing
 from quotopia.telemetry.endpoint import TelemetryApp, listening_socket, serve_endpoint
 from quotopia.telemetry.probes import Lifecycle
 
 __all__ = ["serve"]
 
 logger = logging.getLogger("quotopia.ft")
+
+_tracer = tracing.tracer("quotopia.ft")
 
 #: Connections the kernel may queue for accept(). grpclib's Server.start()
 #: defaults to 100 and calls listen() again, so it must be passed there too.
@@ -276,11 +280,21 @@ async def _generate(
     next_tick = anyio.current_time() + interval
     while True:
         await anyio.sleep_until(next_tick)
-        step = market.step(_now())
-        tick = encode_quotes(step, time.monotonic(), run_id)
-        broadcaster.publish(tick)
-        if kafka is not None:
-            kafka.publish(tick)
+        # Tracing off, the span is a nullcontext and the tick pays one flag test.
+        span_of_tick = (
+            _tracer.start_as_current_span("ft.tick", attributes={"quotopia.run_id": str(run_id)})
+            if tracing.enabled()
+            else contextlib.nullcontext()
+        )
+        with span_of_tick as span:
+            step = market.step(_now())
+            tick = encode_quotes(step, time.monotonic(), run_id)
+            broadcaster.publish(tick)
+            if kafka is not None:
+                kafka.publish(tick, tracing.current_span_context())
+            if span is not None:
+                span.set_attribute("quotopia.quotes", len(tick))
+                span.set_attribute("quotopia.subscribers", broadcaster.subscriber_count)
         metrics.tick(tick)
         _log_moves(step, previous, decimals)
         next_tick += interval

@@ -35,12 +35,14 @@ recorder. (Core reads the same topic as a broadcast: see docs/kafka.md.)
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 
 import anyio
 import anyio.lowlevel
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from anyio.streams.memory import MemoryObjectSendStream
+from opentelemetry.trace import SpanContext
 
 from quotopia.backoff import Backoff
 from quotopia.bus.admin import EXPECTED_FAILURES, describe_failure, stop_consumer
@@ -50,6 +52,7 @@ from quotopia.quote_codec import DecodedQuote, DecodeError, decode_quote
 from quotopia.recorder.config import RecorderConfig
 from quotopia.recorder.metrics import RecorderMetrics
 from quotopia.recorder.offsets import OffsetLedger
+from quotopia.telemetry import tracing
 
 __all__ = ["KafkaFeed"]
 
@@ -99,6 +102,9 @@ class KafkaFeed:
         self._heartbeat_interval_ms = heartbeat_interval_ms
         #: The current session's consumer; kept after a cancellation for :meth:`finish`.
         self._consumer: AIOKafkaConsumer | None = None
+        #: With tracing on: (quotes buffered, the producer's span context), one entry
+        #: per change of context, for the writer's batch span to link to.
+        self._contexts: deque[tuple[int, SpanContext]] = deque()
         #: Per partition, the next offset to read (for the lag).
         self._next: dict[TopicPartition, int] = {}
         self._undecodable_logged = False
@@ -160,6 +166,8 @@ class KafkaFeed:
             for partition, records in batches.items():
                 for record in records:
                     await self._take(send, partition, record.offset, record.value or b"")
+                    if tracing.enabled():
+                        self._note_context(record.headers)
                 self._next[partition] = records[-1].offset + 1
             self._update_lag(consumer)
             # getmany returns what it prefetched without yielding: let the writer run.
@@ -193,6 +201,24 @@ class KafkaFeed:
         self.ledger.read(partition, offset, buffered=True)
         received = self.metrics.received
         received[row.symbol] = received.get(row.symbol, 0) + 1
+
+    def _note_context(self, headers: tracing.KafkaHeaders | None) -> None:
+        context = tracing.context_from_kafka_headers(headers)
+        if context is None:
+            return
+        contexts = self._contexts
+        if contexts and contexts[-1][1] == context:
+            return  # the records of one producer batch share its span
+        contexts.append((self.ledger.buffered, context))
+
+    def contexts_until(self, buffered: int) -> list[SpanContext]:
+        """The producer span contexts of the quotes buffered up to ``buffered``,
+        forgotten once returned: the writer's batch links to them."""
+        found: list[SpanContext] = []
+        contexts = self._contexts
+        while contexts and contexts[0][0] <= buffered:
+            found.append(contexts.popleft()[1])
+        return found
 
     async def _probe(self, consumer: AIOKafkaConsumer) -> None:
         """After a quiet spell: raise FeedStalled unless the broker answers."""

@@ -49,6 +49,7 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality
 from grpclib.encoding.base import CodecBase
 from grpclib.encoding.proto import ProtoCodec
+from opentelemetry.trace import SpanKind
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -77,12 +78,15 @@ from quotopia.recorder.config import RecorderConfig
 from quotopia.recorder.gaps import Gap, GapTracker
 from quotopia.recorder.kafka_feed import KafkaFeed
 from quotopia.recorder.metrics import RecorderMetrics
+from quotopia.telemetry import tracing
 from quotopia.telemetry.endpoint import TelemetryApp, serve_endpoint
 from quotopia.telemetry.probes import Lifecycle, ProbeAnswer
 
 __all__ = ["serve", "storable_row"]
 
 logger = logging.getLogger("quotopia.recorder")
+
+_tracer = tracing.tracer("quotopia.recorder")
 
 #: What a database that is down or restarting raises: retried, logged without a traceback.
 DATABASE_DOWN: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
@@ -431,11 +435,60 @@ class _Recorder:
                 receive, self.config.batch_size, self.config.flush_interval
             ):
                 self.in_flight = len(batch)
-                await self._commit(batch, backoff)
+                if tracing.enabled():
+                    await self._commit_traced(batch, backoff)
+                else:
+                    await self._commit(batch, backoff)
                 self.in_flight = 0
                 if self.kafka is not None:
                     self.kafka.ledger.wrote(len(batch))
         done.set()
+
+    async def _commit_traced(self, batch: Sequence[StoredQuote], backoff: Backoff) -> None:
+        """:meth:`_commit` in a span: ``process TOPIC`` (CONSUMER), the child of the
+        producer's ``send`` span when the batch came from one (so one trace runs
+        from FT's tick to the insert), linked to each otherwise; ``record quotes``
+        with the gRPC source. Each insert is a child span (see :meth:`_insert`)."""
+        attributes: dict[str, str | int] = {"quotopia.quotes": len(batch)}
+        if self.kafka is None:
+            name, kind, links = "record quotes", SpanKind.INTERNAL, []
+        else:
+            ledger = self.kafka.ledger
+            links = tracing.links_to(self.kafka.contexts_until(ledger.written + len(batch)))
+            name, kind = f"process {self.config.kafka_topic}", SpanKind.CONSUMER
+            attributes |= {
+                "messaging.system": "kafka",
+                "messaging.destination.name": self.config.kafka_topic,
+                "messaging.consumer.group.name": self.config.kafka_group,
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+                "messaging.batch.message_count": len(batch),
+            }
+        with _tracer.start_as_current_span(
+            name,
+            context=tracing.batch_parent(links),
+            kind=kind,
+            links=links,
+            attributes=attributes,
+        ):
+            await self._commit(batch, backoff)
+
+    async def _insert(self, batch: Sequence[StoredQuote]) -> int:
+        """One insert transaction; a CLIENT span ``INSERT quotes`` while tracing."""
+        if not tracing.enabled():
+            return await self.db.run(lambda c: insert_quotes(c, batch))
+        with _tracer.start_as_current_span(
+            "INSERT quotes",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "db.system.name": self.url.get_backend_name(),
+                "db.operation.name": "INSERT",
+                "db.collection.name": "quotes",
+                "db.query.summary": "INSERT quotes",
+                "quotopia.quotes": len(batch),
+            },
+        ):
+            return await self.db.run(lambda c: insert_quotes(c, batch))
 
     async def _commit(self, batch: Sequence[StoredQuote], backoff: Backoff) -> None:
         """Write ``batch`` in one transaction; retry with backoff while the database is down."""
@@ -443,7 +496,7 @@ class _Recorder:
         while True:
             started = time.perf_counter()
             try:
-                new = await self.db.run(lambda c: insert_quotes(c, batch))
+                new = await self._insert(batch)
             except DATABASE_DOWN as exc:
                 metrics.batch_failures += 1
                 delay = backoff.next_delay()
