@@ -15,7 +15,9 @@ __all__ = [
     "BOOTSTRAP_ENV",
     "DEFAULT_PARTITIONS",
     "DEFAULT_TOPIC",
+    "SOURCES",
     "TOPIC_ENV",
+    "check_source",
     "check_topic",
     "parse_bootstrap",
     "record_key",
@@ -31,6 +33,9 @@ DEFAULT_TOPIC = "quotes"
 #: ETH 1, BTC 2); with three, all three would hash to partition 1, and two
 #: recorders in one group could not share the work.
 DEFAULT_PARTITIONS = 4
+
+#: Where Core and the recorder read quotes from: FT's gRPC stream, or the topic.
+SOURCES = ("grpc", "kafka")
 
 _TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
@@ -58,3 +63,15 @@ def check_topic(name: str) -> str:
 def record_key(symbol: str) -> bytes:
     """The record key of ``symbol``'s quotes."""
     return symbol.encode()
+
+
+def check_source(source: str, kafka: str | None, topic: str) -> None:
+    """Check a consumer's ``--source``, ``--kafka`` and ``--kafka-topic`` together;
+    a ValueError names what is wrong."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if kafka is not None:
+        parse_bootstrap(kafka)
+    elif source == "kafka":
+        raise ValueError("source kafka needs the bootstrap servers: --kafka HOST:PORT")
+    check_topic(topic)

@@ -7,15 +7,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from quotopia.addresses import parse_address
-from quotopia.bus.topic import DEFAULT_TOPIC, check_topic, parse_bootstrap
+from quotopia.bus.topic import DEFAULT_TOPIC, SOURCES, check_source
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
 __all__ = ["SOURCES", "CoreConfig", "PushLimits", "parse_address"]
-
-#: Where Core's prices come from: FT's gRPC stream, or the Kafka topic FT publishes to.
-SOURCES = ("grpc", "kafka")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +90,7 @@ class CoreConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
-        if self.source not in SOURCES:
-            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
-        if self.kafka is not None:
-            parse_bootstrap(self.kafka)
-        elif self.source == "kafka":
-            raise ValueError("source kafka needs the bootstrap servers: --kafka HOST:PORT")
-        check_topic(self.kafka_topic)
+        check_source(self.source, self.kafka, self.kafka_topic)
         if self.kafka_replay < 1:
             raise ValueError(f"Kafka replay must be at least 1 record, got {self.kafka_replay}")
         parse_address(self.ft_addr)

@@ -7,12 +7,10 @@ import re
 from dataclasses import dataclass
 
 from quotopia.addresses import parse_address
-from quotopia.bus.topic import DEFAULT_TOPIC, check_topic, parse_bootstrap
+from quotopia.bus.topic import DEFAULT_TOPIC, SOURCES, check_source
 
 __all__ = ["DEFAULT_GROUP", "SOURCES", "RecorderConfig", "parse_duration"]
 
-#: Where the recorder's quotes come from: FT's gRPC stream, or the Kafka topic.
-SOURCES = ("grpc", "kafka")
 #: The consumer group recorders share (so replicas split the partitions).
 DEFAULT_GROUP = "quotopia-recorder"
 
@@ -87,13 +85,7 @@ class RecorderConfig:
     def __post_init__(self) -> None:
         from quotopia.history.database import parse_database_url
 
-        if self.source not in SOURCES:
-            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
-        if self.kafka is not None:
-            parse_bootstrap(self.kafka)
-        elif self.source == "kafka":
-            raise ValueError("source kafka needs the bootstrap servers: --kafka HOST:PORT")
-        check_topic(self.kafka_topic)
+        check_source(self.source, self.kafka, self.kafka_topic)
         if not self.kafka_group.strip():
             raise ValueError("the Kafka consumer group needs a name")
         if not (math.isfinite(self.kafka_session_timeout) and self.kafka_session_timeout >= 0.5):

@@ -15,18 +15,25 @@ recorder. (Core reads the same topic as a broadcast: see docs/kafka.md.)
   least once, and exactly once in effect, since the insert keeps one row per
   ``(symbol, run_id, sequence)``. A crash, a rebalance or a failed commit means
   some records are read again, counted as duplicates, never stored twice.
+  Refused and undecodable records are committed with the quotes before them.
 - **A new group starts from the earliest record** the topic still holds: history
   wants everything that is there.
-- **Backpressure as with gRPC**: a full buffer stops the reading. The consumer
-  keeps its heartbeats (aiokafka sends them from a task of its own); past
-  ``max_poll_interval_ms`` (10 minutes here) without a read, Kafka counts the
-  member as stuck and hands its partitions to the others, and it rejoins when it
-  reads again.
+- **Rebalances**: before its partitions move, a member waits (at most half the
+  session timeout, so that the group's rebalance is not held up) for the writer
+  to commit what it buffered, then commits those offsets; its successor starts
+  there. A commit the group refuses because it is rebalancing (``CommitFailedError``)
+  is expected: it is counted, and the new owner re-reads from the last commit.
+  Refused again and again (a broker restarted under the member: its generation
+  is gone), the session starts over with a new consumer.
+- **Backpressure as with gRPC**: a full buffer stops the reading. The member
+  keeps its partitions all the same: while it waits for room it pauses them and
+  goes on polling (and committing what the writer commits), so Kafka never counts
+  it as stuck (``max_poll_interval_ms``), however long the database is down.
 - **Silence is not a failure**: a partition may carry no symbol at all (four
   partitions, three symbols), and FT may be quiet. After ``--feed-timeout``
   without records the session asks the broker for its metadata; a broker that
   does not answer within as long ends the session, and it is retried with
-  backoff, as an absent FT is.
+  backoff, as an absent FT is. /readyz says "connected" meanwhile.
 - **Drain**: on SIGTERM the reading stops, the writer commits what is buffered,
   then :meth:`KafkaFeed.finish` commits the last offsets and stops the consumer,
   which leaves the group so its partitions move at once.
@@ -35,14 +42,13 @@ recorder. (Core reads the same topic as a broadcast: see docs/kafka.md.)
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import anyio
 import anyio.lowlevel
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError
 from anyio.streams.memory import MemoryObjectSendStream
-from opentelemetry.trace import SpanContext
 
 from quotopia.backoff import Backoff
 from quotopia.bus.admin import EXPECTED_FAILURES, describe_failure, stop_consumer
@@ -52,7 +58,6 @@ from quotopia.quote_codec import DecodedQuote, DecodeError, decode_quote
 from quotopia.recorder.config import RecorderConfig
 from quotopia.recorder.metrics import RecorderMetrics
 from quotopia.recorder.offsets import OffsetLedger
-from quotopia.telemetry import tracing
 
 __all__ = ["KafkaFeed"]
 
@@ -65,10 +70,13 @@ FETCH_MAX_WAIT_MS = 100
 _POLL_RECORDS = 500
 #: How long one poll waits for records, in ms; between polls, offsets are committed.
 _POLL_MS = 200
-#: A member that has not read for this long is counted as stuck by Kafka.
-_MAX_POLL_INTERVAL_MS = 600_000
+#: Kafka counts a member that has not polled for this long as stuck. It always
+#: polls (see the backpressure note above), so this only catches a real hang.
+_MAX_POLL_INTERVAL_MS = 300_000
 #: How long the drain's last commit and the consumer's stop may take, in seconds.
 _FINISH_TIMEOUT = 5.0
+#: Commits refused in a row, as by a rebalance, before the session starts over.
+_REFUSED_COMMITS = 3
 
 
 class KafkaFeed:
@@ -77,7 +85,7 @@ class KafkaFeed:
 
     ``accept`` turns a decoded quote into its row (checked, seen by the gap
     tracker) or None if refused; the writer reports each committed batch to
-    :attr:`ledger`.
+    :meth:`wrote`.
     """
 
     def __init__(
@@ -100,14 +108,23 @@ class KafkaFeed:
         )
         self._session_timeout_ms = session_timeout_ms
         self._heartbeat_interval_ms = heartbeat_interval_ms
+        #: How long a member losing partitions waits for the writer.
+        self._revoke_wait = min(config.drain_timeout, session_timeout_ms / 2000)
         #: The current session's consumer; kept after a cancellation for :meth:`finish`.
         self._consumer: AIOKafkaConsumer | None = None
-        #: With tracing on: (quotes buffered, the producer's span context), one entry
-        #: per change of context, for the writer's batch span to link to.
-        self._contexts: deque[tuple[int, SpanContext]] = deque()
-        #: Per partition, the next offset to read (for the lag).
-        self._next: dict[TopicPartition, int] = {}
+        #: Offsets safe to commit and not committed yet (a refused commit keeps them).
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._refused_in_a_row = 0
+        #: Set (and replaced) at each batch the writer commits.
+        self._progress = anyio.Event()
         self._undecodable_logged = False
+        self._refused_logged = False
+
+    def wrote(self, quotes: int) -> None:
+        """The writer committed a batch of ``quotes`` quotes, the oldest buffered."""
+        self.ledger.wrote(quotes)
+        self._progress.set()
+        self._progress = anyio.Event()
 
     async def follow(self, send: MemoryObjectSendStream[StoredQuote]) -> None:
         """Keep a consumer in the group, reconnecting with backoff; ends by cancellation."""
@@ -147,8 +164,9 @@ class KafkaFeed:
             heartbeat_interval_ms=self._heartbeat_interval_ms,
         )
         self._consumer = consumer
+        self._refused_in_a_row = 0
         await consumer.start()
-        consumer.subscribe([config.kafka_topic], listener=_CommitOnRevoke(self, consumer))
+        consumer.subscribe([config.kafka_topic], listener=_Rebalances(self, consumer))
         self.metrics.feed_connected = True
         self.metrics.feed_sessions += 1
         logger.info("connected to %s", self.where)
@@ -156,6 +174,7 @@ class KafkaFeed:
         while True:
             batches = await consumer.getmany(timeout_ms=_POLL_MS, max_records=_POLL_RECORDS)
             await self.commit(consumer)
+            self._note_highwater(consumer)
             now = anyio.current_time()
             if not batches:
                 if now - quiet_since >= config.feed_timeout:
@@ -165,24 +184,21 @@ class KafkaFeed:
             quiet_since = now
             for partition, records in batches.items():
                 for record in records:
-                    await self._take(send, partition, record.offset, record.value or b"")
-                    if tracing.enabled():
-                        self._note_context(record.headers)
-                self._next[partition] = records[-1].offset + 1
-            self._update_lag(consumer)
+                    await self._take(send, consumer, partition, record.offset, record.value)
             # getmany returns what it prefetched without yielding: let the writer run.
             await anyio.lowlevel.checkpoint()
 
     async def _take(
         self,
         send: MemoryObjectSendStream[StoredQuote],
+        consumer: AIOKafkaConsumer,
         partition: TopicPartition,
         offset: int,
-        value: bytes,
+        value: bytes | None,
     ) -> None:
         """One record: decoded, checked, buffered (waiting for room), noted in the ledger."""
         try:
-            quote = decode_quote(value)
+            quote = decode_quote(value or b"")
         except DecodeError as exc:
             self.metrics.rejected += 1
             log = logger.debug if self._undecodable_logged else logger.warning
@@ -197,28 +213,33 @@ class KafkaFeed:
         try:
             send.send_nowait(row)
         except anyio.WouldBlock:
-            await send.send(row)
+            await self._wait_for_room(send, consumer, row)
         self.ledger.read(partition, offset, buffered=True)
         received = self.metrics.received
         received[row.symbol] = received.get(row.symbol, 0) + 1
 
-    def _note_context(self, headers: tracing.KafkaHeaders | None) -> None:
-        context = tracing.context_from_kafka_headers(headers)
-        if context is None:
-            return
-        contexts = self._contexts
-        if contexts and contexts[-1][1] == context:
-            return  # the records of one producer batch share its span
-        contexts.append((self.ledger.buffered, context))
-
-    def contexts_until(self, buffered: int) -> list[SpanContext]:
-        """The producer span contexts of the quotes buffered up to ``buffered``,
-        forgotten once returned: the writer's batch links to them."""
-        found: list[SpanContext] = []
-        contexts = self._contexts
-        while contexts and contexts[0][0] <= buffered:
-            found.append(contexts.popleft()[1])
-        return found
+    async def _wait_for_room(
+        self, send: MemoryObjectSendStream[StoredQuote], consumer: AIOKafkaConsumer, row: StoredQuote
+    ) -> None:
+        """Buffer ``row`` once the writer has made room, polling meanwhile with every
+        partition paused: the member stays in the group, and commits keep up."""
+        try:
+            while True:
+                # Re-paused at each poll: a rebalance may have assigned new ones.
+                consumer.pause(*consumer.assignment())
+                await consumer.getmany(timeout_ms=0)
+                await self.commit(consumer)
+                # Woken by the writer's next commit. send() itself is not given a
+                # deadline: cut short, it could have handed the row over anyway.
+                with anyio.move_on_after(_POLL_MS / 1000):
+                    await self._progress.wait()
+                try:
+                    send.send_nowait(row)
+                    return
+                except anyio.WouldBlock:
+                    pass
+        finally:
+            consumer.resume(*consumer.paused())
 
     async def _probe(self, consumer: AIOKafkaConsumer) -> None:
         """After a quiet spell: raise FeedStalled unless the broker answers."""
@@ -227,26 +248,93 @@ class KafkaFeed:
             await consumer.topics()
         if probe.cancelled_caught:
             raise FeedStalled(f"no answer from Kafka for {timeout:g}s")
+        logger.debug("no records for %gs; the broker answers: idle partitions", timeout)
 
     async def commit(self, consumer: AIOKafkaConsumer) -> None:
-        """Commit the offsets whose quotes the writer has committed (those of the
-        partitions this member still has)."""
-        ready = self.ledger.committable()
-        if not ready:
-            return
-        assigned = consumer.assignment()
-        mine = {partition: offset for partition, offset in ready.items() if partition in assigned}
-        if mine:
-            await consumer.commit(mine)
-            self.metrics.kafka_commits += 1
+        """Commit the offsets whose quotes the writer has committed, for the
+        partitions this member still holds (a revoked one's new owner re-reads
+        from the last commit).
 
-    def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
-        lag = 0
-        for partition in consumer.assignment():
-            end, position = consumer.highwater(partition), self._next.get(partition)
-            if end is not None and position is not None:
-                lag += max(0, end - position)
-        self.metrics.kafka_lag = lag
+        A commit refused as by a rebalance keeps its offsets for the next try;
+        refused :data:`_REFUSED_COMMITS` times in a row, it raises. Any other
+        failure raises too: the session starts over.
+        """
+        self._uncommitted.update(self.ledger.committable())
+        assigned = consumer.assignment()
+        offsets = {tp: offset for tp, offset in self._uncommitted.items() if tp in assigned}
+        self._uncommitted = dict(offsets)
+        if not offsets:
+            return
+        metrics = self.metrics
+        try:
+            await consumer.commit(offsets)
+        except CommitFailedError:
+            metrics.kafka_commit_failures += 1
+            self._refused_in_a_row += 1
+            if self._refused_in_a_row >= _REFUSED_COMMITS:
+                raise
+            log = logger.debug if self._refused_logged else logger.info
+            log("offsets not committed: the group is rebalancing; its records may be read again")
+            self._refused_logged = True
+            return
+        except EXPECTED_FAILURES:
+            metrics.kafka_commit_failures += 1
+            raise
+        self._refused_in_a_row = 0
+        metrics.kafka_commits += 1
+        for tp, offset in offsets.items():
+            if self._uncommitted.get(tp) == offset:
+                del self._uncommitted[tp]
+            metrics.kafka_committed[tp.partition] = offset
+
+    async def _written(self, quotes: int) -> None:
+        """Return once the writer has committed ``quotes`` quotes in all."""
+        while self.ledger.written < quotes:
+            await self._progress.wait()
+
+    def _note_highwater(self, consumer: AIOKafkaConsumer) -> None:
+        # The high-water mark of the last fetch: Tansu's end_offsets() is too low.
+        for tp in consumer.assignment():
+            end = consumer.highwater(tp)
+            if end is not None:
+                self.metrics.kafka_highwater[tp.partition] = end
+
+    async def _assigned(self, consumer: AIOKafkaConsumer, assigned: Iterable[TopicPartition]) -> None:
+        """Note ``assigned`` and where each starts (for the lag): the group's
+        commit, or, in a group that has none, the partition's first offset."""
+        partitions = sorted(assigned, key=lambda tp: tp.partition)
+        metrics = self.metrics
+        metrics.kafka_partitions = {tp.partition for tp in partitions}
+        shown = ",".join(str(tp.partition) for tp in partitions)
+        logger.info(
+            "assigned partitions %s of %s",
+            shown or "none",
+            self.where,
+            extra={"partitions": [tp.partition for tp in partitions]},
+        )
+        start: dict[TopicPartition, int] = {}
+        with anyio.move_on_after(self._revoke_wait):
+            for tp in partitions:
+                offset = await consumer.committed(tp)
+                if offset is not None:
+                    start[tp] = offset
+            if new := [tp for tp in partitions if tp not in start]:
+                start.update(await consumer.beginning_offsets(new))
+        for tp, offset in start.items():
+            metrics.kafka_committed.setdefault(tp.partition, offset)
+
+    async def _revoked(self, consumer: AIOKafkaConsumer, revoked: Iterable[TopicPartition]) -> None:
+        """Before ``revoked`` move: let the writer commit what is buffered (bounded),
+        then commit its offsets."""
+        if self.ledger.pending:
+            with anyio.move_on_after(self._revoke_wait):
+                await self._written(self.ledger.buffered)
+        await self.commit(consumer)
+        metrics = self.metrics
+        for tp in revoked:
+            metrics.kafka_partitions.discard(tp.partition)
+            metrics.kafka_committed.pop(tp.partition, None)
+            metrics.kafka_highwater.pop(tp.partition, None)
 
     async def close(self) -> None:
         """Stop the consumer, if there is one, without committing (bounded, shielded)."""
@@ -254,6 +342,9 @@ class KafkaFeed:
 
     async def _drop_consumer(self) -> None:
         consumer, self._consumer = self._consumer, None
+        self.metrics.kafka_partitions.clear()
+        self.metrics.kafka_committed.clear()
+        self.metrics.kafka_highwater.clear()
         if consumer is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(_FINISH_TIMEOUT):
                 await stop_consumer(consumer)
@@ -276,9 +367,9 @@ class KafkaFeed:
         await self._drop_consumer()
 
 
-class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Commit what is committable before partitions move to another member, so it
-    re-reads as little as possible."""
+class _Rebalances(ConsumerRebalanceListener):  # type: ignore[misc]
+    """What the member does as its partitions move (aiokafka awaits these from its
+    coordinator's task, while the rebalance waits)."""
 
     def __init__(self, feed: KafkaFeed, consumer: AIOKafkaConsumer) -> None:
         self._feed = feed
@@ -286,10 +377,12 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         try:
-            await self._feed.commit(self._consumer)
+            await self._feed._revoked(self._consumer, revoked)
         except EXPECTED_FAILURES as exc:
             logger.info("offsets not committed at a rebalance: %s", describe_failure(exc))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        shown = ",".join(str(p.partition) for p in sorted(assigned, key=lambda p: p.partition))
-        logger.info("assigned partitions %s of %s", shown or "none", self._feed.where)
+        try:
+            await self._feed._assigned(self._consumer, assigned)
+        except EXPECTED_FAILURES as exc:
+            logger.debug("no committed offsets for the lag: %s", describe_failure(exc))
