@@ -42,6 +42,7 @@ from anyio.abc import Process, TaskStatus
 
 from quotopia import logs
 from quotopia.core.config import CoreConfig, PushLimits
+from quotopia.core.feed import feed_origin
 from quotopia.core.server import LISTEN_BACKLOG, serve
 from quotopia.errors import StartupError, describe_os_error
 from quotopia.shutdown import shutdown_on_signals
@@ -133,10 +134,10 @@ async def _supervise(
                 port = listener.getsockname()[1]
             os.close(lifeline)
             logger.info(
-                "Core listening on http://%s:%d, feed from FT at %s (%d workers)",
+                "Core listening on http://%s:%d, feed from %s (%d workers)",
                 config.host,
                 port,
-                config.ft_addr,
+                feed_origin(config).where,
                 config.workers,
             )
             await stopping.wait()
