@@ -127,6 +127,9 @@ CATALOGUE: Mapping[str, str] = {
     "quotopia_recorder_ready": "gauge",
     # The recorder, with --source kafka.
     "quotopia_recorder_kafka_commits_total": "counter",
+    "quotopia_recorder_kafka_commit_failures_total": "counter",
+    "quotopia_recorder_kafka_assigned_partitions": "gauge",
+    "quotopia_recorder_kafka_committed_offset": "gauge",
     "quotopia_recorder_kafka_lag_records": "gauge",
 }
 

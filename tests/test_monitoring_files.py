@@ -57,6 +57,8 @@ PROMTOOL_TIMEOUT = 60
 #: Catalogued metrics no rule or panel uses, and why that is fine.
 UNUSED: Mapping[str, str] = {
     "python_info": "the Build panel shows the Python version from quotopia_build_info",
+    "quotopia_recorder_kafka_committed_offset": "per partition, for queries and for comparing "
+    "with the topic's offsets; the lag panel charts what it means",
 }
 
 

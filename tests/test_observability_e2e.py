@@ -32,6 +32,9 @@ FIRST_EVENT: Mapping[str, str] = {
     # Kafka source's figures are checked in tests/test_kafka_e2e.py.
     "quotopia_recorder_kafka_commits_total": "only with --source kafka",
     "quotopia_recorder_kafka_lag_records": "only with --source kafka",
+    "quotopia_recorder_kafka_commit_failures_total": "only with --source kafka",
+    "quotopia_recorder_kafka_assigned_partitions": "only with --source kafka",
+    "quotopia_recorder_kafka_committed_offset": "only with --source kafka",
 }
 
 

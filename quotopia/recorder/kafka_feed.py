@@ -36,19 +36,26 @@ recorder. (Core reads the same topic as a broadcast: see docs/kafka.md.)
   backoff, as an absent FT is. /readyz says "connected" meanwhile.
 - **Drain**: on SIGTERM the reading stops, the writer commits what is buffered,
   then :meth:`KafkaFeed.finish` commits the last offsets and stops the consumer,
-  which leaves the group so its partitions move at once.
+  which leaves the group so its partitions move at once. (Not on Tansu 0.6: its
+  groups stay at generation 0, for which aiokafka sends no LeaveGroup, so they
+  move after the session timeout.)
+- **A new session reads again from the group's commit**: nothing read by an
+  earlier session is committed by a later one (its partitions may have moved,
+  or, on a broker that lost its data, be another topic's by now).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
 
 import anyio
 import anyio.lowlevel
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError
 from anyio.streams.memory import MemoryObjectSendStream
+from opentelemetry.trace import SpanContext
 
 from quotopia.backoff import Backoff
 from quotopia.bus.admin import EXPECTED_FAILURES, describe_failure, stop_consumer
@@ -58,6 +65,7 @@ from quotopia.quote_codec import DecodedQuote, DecodeError, decode_quote
 from quotopia.recorder.config import RecorderConfig
 from quotopia.recorder.metrics import RecorderMetrics
 from quotopia.recorder.offsets import OffsetLedger
+from quotopia.telemetry import tracing
 
 __all__ = ["KafkaFeed"]
 
@@ -77,6 +85,8 @@ _MAX_POLL_INTERVAL_MS = 300_000
 _FINISH_TIMEOUT = 5.0
 #: Commits refused in a row, as by a rebalance, before the session starts over.
 _REFUSED_COMMITS = 3
+#: What a commit outside the session (a rebalance's, the drain's) may raise: logged.
+_COMMIT_FAILURES: tuple[type[Exception], ...] = (FeedStalled, *EXPECTED_FAILURES)
 
 
 class KafkaFeed:
@@ -108,10 +118,14 @@ class KafkaFeed:
         )
         self._session_timeout_ms = session_timeout_ms
         self._heartbeat_interval_ms = heartbeat_interval_ms
-        #: How long a member losing partitions waits for the writer.
-        self._revoke_wait = min(config.drain_timeout, session_timeout_ms / 2000)
+        #: How long this member may hold up a rebalance (waiting for the writer,
+        #: asking where its new partitions start): the group waits for it meanwhile.
+        self._rebalance_wait = min(config.drain_timeout, session_timeout_ms / 2000)
         #: The current session's consumer; kept after a cancellation for :meth:`finish`.
         self._consumer: AIOKafkaConsumer | None = None
+        #: With tracing on: (quotes buffered, the producer's span context), one entry
+        #: per change of context, for the writer's batch span to link to.
+        self._contexts: deque[tuple[int, SpanContext]] = deque()
         #: Offsets safe to commit and not committed yet (a refused commit keeps them).
         self._uncommitted: dict[TopicPartition, int] = {}
         self._refused_in_a_row = 0
@@ -164,7 +178,7 @@ class KafkaFeed:
             heartbeat_interval_ms=self._heartbeat_interval_ms,
         )
         self._consumer = consumer
-        self._refused_in_a_row = 0
+        self._forget_offsets()
         await consumer.start()
         consumer.subscribe([config.kafka_topic], listener=_Rebalances(self, consumer))
         self.metrics.feed_connected = True
@@ -172,21 +186,43 @@ class KafkaFeed:
         logger.info("connected to %s", self.where)
         quiet_since = anyio.current_time()
         while True:
-            batches = await consumer.getmany(timeout_ms=_POLL_MS, max_records=_POLL_RECORDS)
+            batches = await self._poll(consumer, _POLL_MS)
             await self.commit(consumer)
             self._note_highwater(consumer)
             now = anyio.current_time()
-            if not batches:
-                if now - quiet_since >= config.feed_timeout:
-                    await self._probe(consumer)
-                    quiet_since = now
-                continue
-            quiet_since = now
+            if batches:
+                quiet_since = now
+            elif now - quiet_since >= config.feed_timeout:
+                await self._probe(consumer)
+                quiet_since = now
             for partition, records in batches.items():
                 for record in records:
                     await self._take(send, consumer, partition, record.offset, record.value)
+                    if tracing.enabled():
+                        self._note_context(record.headers)
             # getmany returns what it prefetched without yielding: let the writer run.
             await anyio.lowlevel.checkpoint()
+
+    async def _poll(
+        self, consumer: AIOKafkaConsumer, timeout_ms: int
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        """``getmany``, bounded: a rebalance holds it, and one that cannot finish
+        (the broker gone) would hold it for good."""
+        with anyio.move_on_after(self.config.feed_timeout):
+            batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+            batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=_POLL_RECORDS)
+            return batches
+        return {}
+
+    def _forget_offsets(self) -> None:
+        """Commit nothing a previous session read: its partitions may be another
+        member's by now, or (a broker that lost its data) another topic's. Those
+        records are read again, from the group's commit."""
+        ledger: OffsetLedger[TopicPartition] = OffsetLedger()
+        ledger.buffered, ledger.written = self.ledger.buffered, self.ledger.written
+        self.ledger = ledger
+        self._uncommitted.clear()
+        self._refused_in_a_row = 0
 
     async def _take(
         self,
@@ -219,7 +255,10 @@ class KafkaFeed:
         received[row.symbol] = received.get(row.symbol, 0) + 1
 
     async def _wait_for_room(
-        self, send: MemoryObjectSendStream[StoredQuote], consumer: AIOKafkaConsumer, row: StoredQuote
+        self,
+        send: MemoryObjectSendStream[StoredQuote],
+        consumer: AIOKafkaConsumer,
+        row: StoredQuote,
     ) -> None:
         """Buffer ``row`` once the writer has made room, polling meanwhile with every
         partition paused: the member stays in the group, and commits keep up."""
@@ -227,8 +266,12 @@ class KafkaFeed:
             while True:
                 # Re-paused at each poll: a rebalance may have assigned new ones.
                 consumer.pause(*consumer.assignment())
-                await consumer.getmany(timeout_ms=0)
+                for tp, records in (await self._poll(consumer, 0)).items():
+                    # A partition assigned while the poll waited on a rebalance:
+                    # its records are read once there is room.
+                    consumer.seek(tp, records[0].offset)
                 await self.commit(consumer)
+                self._note_highwater(consumer)
                 # Woken by the writer's next commit. send() itself is not given a
                 # deadline: cut short, it could have handed the row over anyway.
                 with anyio.move_on_after(_POLL_MS / 1000):
@@ -240,6 +283,24 @@ class KafkaFeed:
                     pass
         finally:
             consumer.resume(*consumer.paused())
+
+    def _note_context(self, headers: tracing.KafkaHeaders | None) -> None:
+        context = tracing.context_from_kafka_headers(headers)
+        if context is None:
+            return
+        contexts = self._contexts
+        if contexts and contexts[-1][1] == context:
+            return  # the records of one producer batch share its span
+        contexts.append((self.ledger.buffered, context))
+
+    def contexts_until(self, buffered: int) -> list[SpanContext]:
+        """The producer span contexts of the quotes buffered up to ``buffered``,
+        forgotten once returned: the writer's batch links to them."""
+        found: list[SpanContext] = []
+        contexts = self._contexts
+        while contexts and contexts[0][0] <= buffered:
+            found.append(contexts.popleft()[1])
+        return found
 
     async def _probe(self, consumer: AIOKafkaConsumer) -> None:
         """After a quiet spell: raise FeedStalled unless the broker answers."""
@@ -266,8 +327,11 @@ class KafkaFeed:
         if not offsets:
             return
         metrics = self.metrics
+        timeout = self.config.feed_timeout
         try:
-            await consumer.commit(offsets)
+            # Bounded: aiokafka retries a commit until the broker answers.
+            with anyio.move_on_after(timeout) as attempt:
+                await consumer.commit(offsets)
         except CommitFailedError:
             metrics.kafka_commit_failures += 1
             self._refused_in_a_row += 1
@@ -280,6 +344,9 @@ class KafkaFeed:
         except EXPECTED_FAILURES:
             metrics.kafka_commit_failures += 1
             raise
+        if attempt.cancelled_caught:
+            metrics.kafka_commit_failures += 1
+            raise FeedStalled(f"no answer from Kafka to an offset commit for {timeout:g}s")
         self._refused_in_a_row = 0
         metrics.kafka_commits += 1
         for tp, offset in offsets.items():
@@ -299,7 +366,9 @@ class KafkaFeed:
             if end is not None:
                 self.metrics.kafka_highwater[tp.partition] = end
 
-    async def _assigned(self, consumer: AIOKafkaConsumer, assigned: Iterable[TopicPartition]) -> None:
+    async def _assigned(
+        self, consumer: AIOKafkaConsumer, assigned: Iterable[TopicPartition]
+    ) -> None:
         """Note ``assigned`` and where each starts (for the lag): the group's
         commit, or, in a group that has none, the partition's first offset."""
         partitions = sorted(assigned, key=lambda tp: tp.partition)
@@ -313,7 +382,7 @@ class KafkaFeed:
             extra={"partitions": [tp.partition for tp in partitions]},
         )
         start: dict[TopicPartition, int] = {}
-        with anyio.move_on_after(self._revoke_wait):
+        with anyio.move_on_after(self._rebalance_wait):
             for tp in partitions:
                 offset = await consumer.committed(tp)
                 if offset is not None:
@@ -327,7 +396,7 @@ class KafkaFeed:
         """Before ``revoked`` move: let the writer commit what is buffered (bounded),
         then commit its offsets."""
         if self.ledger.pending:
-            with anyio.move_on_after(self._revoke_wait):
+            with anyio.move_on_after(self._rebalance_wait):
                 await self._written(self.ledger.buffered)
         await self.commit(consumer)
         metrics = self.metrics
@@ -359,7 +428,7 @@ class KafkaFeed:
         with anyio.CancelScope(shield=True), anyio.move_on_after(_FINISH_TIMEOUT):
             try:
                 await self.commit(consumer)
-            except EXPECTED_FAILURES as exc:
+            except _COMMIT_FAILURES as exc:
                 logger.warning(
                     "last offsets not committed (%s): the group will read them again",
                     describe_failure(exc),
@@ -378,7 +447,7 @@ class _Rebalances(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         try:
             await self._feed._revoked(self._consumer, revoked)
-        except EXPECTED_FAILURES as exc:
+        except _COMMIT_FAILURES as exc:
             logger.info("offsets not committed at a rebalance: %s", describe_failure(exc))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:

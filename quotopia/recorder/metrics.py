@@ -77,10 +77,15 @@ class RecorderMetrics(Collector):
         self.newest_committed = 0.0
         self.feed_connected = False
         self.feed_sessions = 0
-        #: With --source kafka: offset commits, and records behind the partitions' ends.
+        #: With --source kafka: offset commits and failed ones; the partitions this
+        #: member holds and, per partition, the next offset to commit (the group's
+        #: commit) and the high-water mark of the last fetch.
         self.kafka: bool = False
         self.kafka_commits = 0
-        self.kafka_lag = 0
+        self.kafka_commit_failures = 0
+        self.kafka_partitions: set[int] = set()
+        self.kafka_committed: dict[int, int] = {}
+        self.kafka_highwater: dict[int, int] = {}
         self.database_up = False
         self.retention_deleted = 0
         self.registry: CollectorRegistry = new_registry("recorder")
@@ -164,16 +169,7 @@ class RecorderMetrics(Collector):
             "quotopia_recorder_feed_sessions", "Feed sessions opened.", value=self.feed_sessions
         )
         if self.kafka:
-            yield CounterMetricFamily(
-                "quotopia_recorder_kafka_commits",
-                "Offset commits to the consumer group, each after a database commit.",
-                value=self.kafka_commits,
-            )
-            yield GaugeMetricFamily(
-                "quotopia_recorder_kafka_lag_records",
-                "Records of this member's partitions not read yet (the consumer lag).",
-                value=self.kafka_lag,
-            )
+            yield from self._kafka_families()
         yield GaugeMetricFamily(
             "quotopia_recorder_database_up",
             "1 while the last database call succeeded.",
@@ -187,6 +183,46 @@ class RecorderMetrics(Collector):
         yield GaugeMetricFamily(
             "quotopia_recorder_ready", "1 while /readyz answers 200.", value=int(self._ready())
         )
+
+    def _kafka_families(self) -> Iterable[Metric]:
+        """The consumer group's figures; ``partition`` is bounded by the topic."""
+        yield CounterMetricFamily(
+            "quotopia_recorder_kafka_commits",
+            "Offset commits to the consumer group, each after a database commit.",
+            value=self.kafka_commits,
+        )
+        yield CounterMetricFamily(
+            "quotopia_recorder_kafka_commit_failures",
+            "Offset commits refused (a rebalance) or failed (the broker); retried.",
+            value=self.kafka_commit_failures,
+        )
+        yield GaugeMetricFamily(
+            "quotopia_recorder_kafka_assigned_partitions",
+            "Partitions of the topic this member of the group holds.",
+            value=len(self.kafka_partitions),
+        )
+        committed = GaugeMetricFamily(
+            "quotopia_recorder_kafka_committed_offset",
+            "The group's committed offset of each partition this member holds "
+            "(the next record to read after a restart).",
+            labels=["partition"],
+        )
+        lag = GaugeMetricFamily(
+            "quotopia_recorder_kafka_lag_records",
+            "Records of each partition this member holds not yet committed "
+            "(high-water mark minus committed offset): the consumer lag.",
+            labels=["partition"],
+        )
+        for partition in sorted(self.kafka_partitions):
+            offset = self.kafka_committed.get(partition)
+            if offset is None:
+                continue
+            committed.add_metric([str(partition)], offset)
+            end = self.kafka_highwater.get(partition)
+            if end is not None:
+                lag.add_metric([str(partition)], max(0, end - offset))
+        yield committed
+        yield lag
 
 
 def _per_symbol(

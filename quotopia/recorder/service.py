@@ -441,7 +441,7 @@ class _Recorder:
                     await self._commit(batch, backoff)
                 self.in_flight = 0
                 if self.kafka is not None:
-                    self.kafka.ledger.wrote(len(batch))
+                    self.kafka.wrote(len(batch))
         done.set()
 
     async def _commit_traced(self, batch: Sequence[StoredQuote], backoff: Backoff) -> None:
