@@ -71,10 +71,10 @@ BATCH_SIZE = 1000
 #: past it the batch fails and is retried. Short, so a dead broker is noticed
 #: (and stopping the producer is bounded) in seconds, not aiokafka's 40.
 REQUEST_TIMEOUT_MS = 5000
-_tracer = tracing.tracer("quotopia.ft")
-
 #: How long stopping a producer may take, in seconds (it waits for its batch).
 _STOP_TIMEOUT = REQUEST_TIMEOUT_MS / 1000 + 1
+
+_tracer = tracing.tracer("quotopia.ft")
 
 
 class KafkaPublisher:
@@ -137,8 +137,8 @@ class KafkaPublisher:
 
         Returns only by cancellation. Error handling: what a broker that is away
         or restarting raises (:data:`~quotopia.bus.admin.EXPECTED_FAILURES`) is one
-        log line, WARNING when a connected session is lost, INFO while the broker
-        stays unreachable, and a retry; anything else is a bug and propagates.
+        WARNING at the first failure of an outage (DEBUG for the retries that
+        follow) and a retry; anything else is a bug and propagates.
         """
         backoff = Backoff(0.1, 5.0)
         task_status.started()

@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import anyio
 import anyio.lowlevel
@@ -57,7 +58,6 @@ from aiokafka.errors import CommitFailedError
 from anyio.streams.memory import MemoryObjectSendStream
 from opentelemetry.trace import SpanContext
 
-from quotopia.backoff import Backoff
 from quotopia.bus.admin import EXPECTED_FAILURES, describe_failure, stop_consumer
 from quotopia.grpc_feed import FeedStalled
 from quotopia.history.queries import StoredQuote
@@ -65,6 +65,7 @@ from quotopia.quote_codec import DecodedQuote, DecodeError, decode_quote
 from quotopia.recorder.config import RecorderConfig
 from quotopia.recorder.metrics import RecorderMetrics
 from quotopia.recorder.offsets import OffsetLedger
+from quotopia.recorder.reconnect import follow
 from quotopia.telemetry import tracing
 
 __all__ = ["KafkaFeed"]
@@ -142,27 +143,17 @@ class KafkaFeed:
 
     async def follow(self, send: MemoryObjectSendStream[StoredQuote]) -> None:
         """Keep a consumer in the group, reconnecting with backoff; ends by cancellation."""
-        backoff = Backoff(0.1, self.config.backoff_cap)
-        logger.info("connecting to %s", self.where)
-        while True:
-            before = sum(self.metrics.received.values())
-            try:
-                await self._session(send)
-            except FeedStalled as exc:
-                reason = str(exc)
-            except EXPECTED_FAILURES as exc:
-                reason = describe_failure(exc)
-            await self._drop_consumer()
-            was_connected, self.metrics.feed_connected = self.metrics.feed_connected, False
-            if sum(self.metrics.received.values()) > before:
-                backoff.reset()
-            delay = backoff.next_delay()
-            fields = {"reason": reason, "delay": round(delay, 3)}
-            if was_connected:
-                logger.warning("feed lost: %s; retrying in %.2fs", reason, delay, extra=fields)
-            else:
-                logger.info("Kafka unavailable: %s; retrying in %.2fs", reason, delay, extra=fields)
-            await anyio.sleep(delay)
+        await follow(
+            partial(self._session, send),
+            metrics=self.metrics,
+            source="Kafka",
+            where=self.where,
+            expected=EXPECTED_FAILURES,
+            describe=describe_failure,
+            backoff_cap=self.config.backoff_cap,
+            fields={"topic": self.config.kafka_topic},
+            after=self._drop_consumer,
+        )
 
     async def _session(self, send: MemoryObjectSendStream[StoredQuote]) -> None:
         config = self.config

@@ -78,6 +78,7 @@ from quotopia.recorder.config import RecorderConfig
 from quotopia.recorder.gaps import Gap, GapTracker
 from quotopia.recorder.kafka_feed import KafkaFeed
 from quotopia.recorder.metrics import RecorderMetrics
+from quotopia.recorder.reconnect import follow
 from quotopia.telemetry import tracing
 from quotopia.telemetry.endpoint import TelemetryApp, serve_endpoint
 from quotopia.telemetry.probes import Lifecycle, ProbeAnswer
@@ -327,30 +328,22 @@ class _Recorder:
     async def _follow_feed(self, send: MemoryObjectSendStream[StoredQuote]) -> None:
         """Keep a session to FT open, reconnecting with backoff; ends by cancellation."""
         config = self.config
-        backoff = Backoff(0.1, config.backoff_cap)
-        logger.info("connecting to FT at %s", config.ft_addr)
-        while True:
-            before = sum(self.metrics.received.values())
-            try:
-                await self._session(send)
-                reason = "stream ended"
-            except (FeedEnded, FeedStalled) as exc:
-                reason = str(exc)
-            except EXPECTED_FAILURES as exc:
-                reason = describe_failure(exc)
-            except DecodeError as exc:
-                reason = f"FT sent a malformed quote ({exc})"
-            was_connected = self.metrics.feed_connected
-            self.metrics.feed_connected = False
-            if sum(self.metrics.received.values()) > before:
-                backoff.reset()
-            delay = backoff.next_delay()
-            fields = {"reason": reason, "delay": round(delay, 3), "ft_addr": config.ft_addr}
-            if was_connected:
-                logger.warning("feed lost: %s; retrying in %.2fs", reason, delay, extra=fields)
-            else:
-                logger.info("FT unavailable: %s; retrying in %.2fs", reason, delay, extra=fields)
-            await anyio.sleep(delay)
+
+        def describe(exc: Exception) -> str:
+            if isinstance(exc, DecodeError):
+                return f"FT sent a malformed quote ({exc})"
+            return describe_failure(exc)
+
+        await follow(
+            partial(self._session, send),
+            metrics=self.metrics,
+            source="FT",
+            where=f"FT at {config.ft_addr}",
+            expected=(*EXPECTED_FAILURES, DecodeError),
+            describe=describe,
+            backoff_cap=config.backoff_cap,
+            fields={"ft_addr": config.ft_addr},
+        )
 
     async def _session(self, send: MemoryObjectSendStream[StoredQuote]) -> None:
         """One gRPC session: every quote checked, tracked and buffered.
