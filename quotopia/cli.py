@@ -22,6 +22,7 @@ from quotopia.bus.topic import (
     BOOTSTRAP_ENV,
     DEFAULT_PARTITIONS,
     DEFAULT_TOPIC,
+    SOURCES,
     TOPIC_ENV,
     check_topic,
     parse_bootstrap,
@@ -136,8 +137,8 @@ def _add_kafka(parser: argparse.ArgumentParser, role: str) -> None:
 
 def _source(text: str) -> str:
     source = text.lower()
-    if source not in ("grpc", "kafka"):
-        raise argparse.ArgumentTypeError("source must be grpc or kafka")
+    if source not in SOURCES:
+        raise argparse.ArgumentTypeError(f"source must be one of {', '.join(SOURCES)}")
     return source
 
 
