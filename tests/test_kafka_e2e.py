@@ -5,6 +5,9 @@ FT publishes to a private Tansu broker (tests/_kafka.py); Core reads the topic
 (``--source kafka``, a consumer group); Core's history routes read it back. Then
 the recorder is killed with SIGKILL mid-stream and started again: once FT has
 drained, the table holds exactly the quotes FT says the broker acknowledged.
+And the broker itself is killed and restarted under FT, a Core fed over gRPC and
+a recorder reading the topic: FT's gRPC stream never pauses, its Kafka buffer
+stays within its capacity, and publishing and recording resume.
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ from _kafka import TansuBroker, tansu_broker
 from _otlp import ReceivedSpan, otlp_receiver
 from _postgres import Postgres
 from _procs import QuotopiaProcess
-from _services import DEADLINE, ft_args, http_get, recorder_args, scrape
+from _services import (
+    DEADLINE,
+    FT_METRICS,
+    ft_args,
+    http_get,
+    recorder_args,
+    running_core,
+    scrape,
+)
 from _stored import rows, sample_total
 from _waiting import wait_until
 
@@ -33,11 +44,12 @@ TICK = 0.05
 
 
 @contextmanager
-def ft(broker: TansuBroker, env: dict[str, str] | None = None) -> Iterator[QuotopiaProcess]:
+def ft(
+    broker: TansuBroker, *flags: str, env: dict[str, str] | None = None
+) -> Iterator[QuotopiaProcess]:
     # Tansu refuses aiokafka's idempotent producer (tests/test_kafka_harness.py).
-    with QuotopiaProcess(
-        *ft_args("--kafka", broker.bootstrap, "--no-kafka-idempotence", tick=TICK), env=env
-    ) as process:
+    args = ft_args("--kafka", broker.bootstrap, "--no-kafka-idempotence", *flags, tick=TICK)
+    with QuotopiaProcess(*args, env=env) as process:
         process.wait_for_line(FT_READY, DEADLINE)
         yield process
 
@@ -89,8 +101,12 @@ def test_ft_kafka_core_and_recorder_into_postgresql(postgres_server: Postgres) -
 
             with recorder(broker, database) as (first, port):
                 wait_until(lambda: len(rows(database)) >= 150, DEADLINE, what="150 rows")
-                samples = scrape(port)
-                assert sample_total(samples, "quotopia_recorder_kafka_commits_total") > 0
+                # Offsets are committed just after the database commit, so wait for it.
+                wait_until(
+                    lambda: sample_total(scrape(port), "quotopia_recorder_kafka_commits_total") > 0,
+                    DEADLINE,
+                    what="an offset commit",
+                )
                 first.signal(signal.SIGKILL)
                 first.wait(DEADLINE)
             # Quotes go on reaching the topic while no recorder runs.
@@ -121,6 +137,83 @@ def test_ft_kafka_core_and_recorder_into_postgresql(postgres_server: Postgres) -
             assert len(page["quotes"]) == 5
 
 
+#: FT's Kafka buffer in the broker test: a third of a second of quotes at TICK.
+SMALL_BUFFER = 20
+
+
+def test_a_broker_killed_and_restarted_under_ft_core_and_the_recorder(tmp_path: Path) -> None:
+    """The broker SIGKILLed under a running stack: FT goes on ticking to its gRPC
+    subscriber (a Core fed over gRPC, whose quotes keep arriving), its Kafka buffer
+    fills to its capacity and never past it (the oldest dropped, counted), nothing
+    is logged at ERROR. Restarted (empty: memory storage), FT reconnects and
+    publishes again, and the recorder joins the new topic and records again."""
+    database = f"sqlite:///{tmp_path / 'quotes.db'}"
+    with (
+        tansu_broker() as broker,
+        ft(broker, "--kafka-buffer", str(SMALL_BUFFER)) as feed,
+    ):
+        ft_port = int(feed.wait_for_line(FT_READY, DEADLINE)[1])
+        metrics_port = int(feed.wait_for_line(FT_METRICS, DEADLINE)[1])
+        with running_core(ft_port) as core, recorder(broker, database) as (rec, _port):
+
+            def ft_figures() -> dict[str, float]:
+                samples = scrape(metrics_port)
+                figures = {
+                    name: sample_total(samples, f"quotopia_ft_kafka_{name}")
+                    for name in ("connected", "buffer_quotes", "quotes_sent_total")
+                }
+                figures["dropped"] = sample_total(samples, "quotopia_ft_kafka_quotes_dropped_total")
+                # Bounded, at every look: never more than --kafka-buffer waiting.
+                assert figures["buffer_quotes"] <= SMALL_BUFFER, figures
+                return figures
+
+            def core_received() -> float:
+                return sample_total(scrape(core.port), "quotopia_core_quotes_received_total")
+
+            wait_until(lambda: len(rows(database)) >= 30, DEADLINE, what="30 rows")
+            broker.kill()
+            sent_before = ft_figures()["quotes_sent_total"]
+            received_before = core_received()
+
+            def buffer_overflowing() -> dict[str, float] | None:
+                figures = ft_figures()
+                return figures if figures["dropped"] > 0 and not figures["connected"] else None
+
+            down = wait_until(buffer_overflowing, DEADLINE, what="FT's buffer full, dropping")
+            assert down["buffer_quotes"] == SMALL_BUFFER
+            # FT's gRPC side never waited for the broker: Core got quotes all along.
+            assert core_received() - received_before >= 3 * SMALL_BUFFER
+            stored_before = len(rows(database))
+
+            broker.restart()
+
+            def publishing() -> dict[str, float] | None:
+                figures = ft_figures()
+                resumed = figures["connected"] and figures["quotes_sent_total"] > sent_before
+                return figures if resumed else None
+
+            wait_until(publishing, DEADLINE, what="FT publishing again")
+            wait_until(
+                lambda: len(rows(database)) >= stored_before + 30,
+                DEADLINE,
+                what="the recorder recording again",
+            )
+            up = ft_figures()
+            stored = rows(database)
+            assert len(stored) == len(set(stored))
+            for process in (rec, core.process):
+                process.signal(signal.SIGTERM)
+                assert process.wait(DEADLINE) == 0
+        feed.signal(signal.SIGTERM)
+        assert feed.wait(DEADLINE) == 0
+    assert up["buffer_quotes"] < SMALL_BUFFER
+    for process in (feed, rec, core.process):
+        bad = [line for line in process.stderr_lines if " ERROR " in line or "Traceback" in line]
+        assert not bad, process.output()
+    (warned,) = [line for line in feed.stderr_lines if "Kafka" in line and "WARNING" in line]
+    assert warned
+
+
 def test_one_trace_from_ft_through_kafka_to_the_database_and_core_s_spans(
     tmp_path: Path,
 ) -> None:
@@ -132,7 +225,7 @@ def test_one_trace_from_ft_through_kafka_to_the_database_and_core_s_spans(
     database = f"sqlite:///{tmp_path / 'quotes.db'}"
     with otlp_receiver() as receiver, tansu_broker() as broker:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
-        with ft(broker, env) as feed, recorder(broker, database, env) as (rec, _port):
+        with ft(broker, env=env) as feed, recorder(broker, database, env) as (rec, _port):
             wait_until(lambda: len(rows(database)) >= 30, DEADLINE, what="30 rows")
             core_args = ["core", "--host", "127.0.0.1", "--port", "0", "--source", "kafka"]
             core_args += ["--kafka", broker.bootstrap, "--db", database]

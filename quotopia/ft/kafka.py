@@ -12,11 +12,17 @@ aiokafka producer, then waits for the broker's acknowledgement of the batch
 before it takes the next, so at most one batch per session is in flight and the
 buffer holds everything else.
 
+``--kafka-buffer`` bounds everything FT holds for the broker: the buffer and the
+batch in flight together. A batch takes at most half of it (and at most
+BATCH_SIZE), so however long the broker takes to answer, the newest quotes
+always have room.
+
 The policy for a slow or absent broker (what a demanding operator needs to know):
 
 - *Buffer, then drop the oldest.* While the broker is away, quotes wait in the
-  buffer. Once it holds ``--kafka-buffer`` quotes, each new quote pushes out the
-  oldest one: when the broker comes back, the newest prices are the ones that
+  buffer. Once FT holds ``--kafka-buffer`` quotes, each new quote pushes out the
+  oldest one still in the buffer (a batch in the producer's hands cannot be
+  recalled): when the broker comes back, the newest prices are the ones that
   reach it. Every dropped quote is counted (``quotopia_ft_kafka_quotes_dropped_total``);
   the recorder sees the hole as a gap in the sequence numbers.
 - *Retry the batch.* A batch the broker did not acknowledge goes back to the front
@@ -94,6 +100,9 @@ class KafkaPublisher:
         # tracing is off), so the batch that sends it can link to that tick.
         self._buffer: deque[tuple[EncodedQuote, SpanContext | None]] = deque()
         self.capacity = config.kafka_buffer
+        #: Quotes handed to the producer at once: at most half the capacity, so a
+        #: batch in flight leaves the other half to the newest quotes.
+        self.batch_size = max(1, min(BATCH_SIZE, self.capacity // 2))
         self._wakeup = anyio.Event()
         self._flushed = anyio.Event()
         self._closed = False
@@ -119,13 +128,15 @@ class KafkaPublisher:
         """Queue one tick's quotes for the broker; never waits. ``context`` is the
         tick's span (tracing on), which the batch that sends them links to.
 
-        A full buffer drops its oldest quotes to make room (see the module's docstring).
+        Past the capacity (the batch in flight counts), the oldest buffered quotes
+        are dropped to make room (see the module's docstring).
         """
         if self._closed:
             return
         buffer = self._buffer
         buffer.extend([(quote, context) for quote in tick])
-        excess = len(buffer) - self.capacity
+        # Never more than len(buffer): the batch in flight is at most half the capacity.
+        excess = len(buffer) + self.in_flight - self.capacity
         if excess > 0:
             for _ in range(excess):
                 buffer.popleft()
@@ -200,7 +211,7 @@ class KafkaPublisher:
                 await producer.stop()
 
     async def _send_batch(self, producer: AIOKafkaProducer) -> None:
-        """Wait for quotes, hand up to BATCH_SIZE of them to ``producer``, and wait
+        """Wait for quotes, hand up to :attr:`batch_size` of them to ``producer``, and wait
         until the broker acknowledged them all; on a failure, put back what was not
         acknowledged, in order, and raise."""
         buffer = self._buffer
@@ -210,7 +221,7 @@ class KafkaPublisher:
                 await anyio.sleep_forever()
             self._wakeup = anyio.Event()
             await self._wakeup.wait()
-        batch = [buffer.popleft() for _ in range(min(BATCH_SIZE, len(buffer)))]
+        batch = [buffer.popleft() for _ in range(min(self.batch_size, len(buffer)))]
         self.in_flight = len(batch)
         acked = 0
         try:

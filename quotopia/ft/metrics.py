@@ -163,7 +163,7 @@ def _kafka_families(kafka: KafkaPublisher) -> Iterable[Metric]:
     )
     yield GaugeMetricFamily(
         "quotopia_ft_kafka_buffer_capacity_quotes",
-        "Quotes the Kafka buffer holds before it drops the oldest (--kafka-buffer).",
+        "Quotes FT holds for Kafka (in flight too) before dropping the oldest (--kafka-buffer).",
         value=kafka.capacity,
     )
     yield kafka.ack_latency.family(
