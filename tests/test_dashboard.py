@@ -24,8 +24,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from _procs import missing_server, wait_until
-from _services import DEADLINE, quotes, run_cli, running_core, running_ft
+from _kafka import tansu_broker
+from _procs import QuotopiaProcess, missing_server, wait_until
+from _services import DEADLINE, core_args, quotes, run_cli, running_core, running_ft
 from playwright.sync_api import Browser, ConsoleMessage, Page, ViewportSize, sync_playwright
 
 #: Core's static files. (Not imported from quotopia.core: that imports trio-asyncio,
@@ -202,6 +203,62 @@ def test_the_dashboard_is_live_and_its_map_follows_ft(browser: Browser, tmp_path
                     assert phone.hosts == {origin}
                 finally:
                     phone.close()
+            assert watched.errors == []
+            assert watched.hosts == {origin}
+        finally:
+            watched.close()
+
+
+@pytest.mark.e2e
+def test_fed_from_kafka_the_map_goes_through_the_broker(browser: Browser, tmp_path: Path) -> None:
+    with (
+        tansu_broker() as broker,
+        # Tansu refuses aiokafka's idempotent producer (tests/test_kafka_harness.py).
+        running_ft("--kafka", broker.bootstrap, "--no-kafka-idempotence") as ft,
+        QuotopiaProcess(
+            *core_args(ft.port, "--source", "kafka", "--kafka", broker.bootstrap)
+        ) as core,
+    ):
+        port = int(core.wait_for_line(r"Core listening on http://127\.0\.0\.1:(\d+)", DEADLINE)[1])
+        origin = f"127.0.0.1:{port}"
+        watched = Watched(browser, DESKTOP)
+        page = watched.page
+        try:
+            page.goto(f"http://{origin}/")
+            page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+            for key in ("ft", "ft->kafka", "kafka", "kafka->core", "core"):
+                wait_for_state(page, key, "up")
+            order = page.eval_on_selector_all(
+                "#map [data-key]", "items => items.map(item => item.dataset.key)"
+            )
+            assert order == [
+                "ft",
+                "ft->kafka",
+                "kafka",
+                "kafka->core",
+                "core",
+                "core->clients",
+                "clients",
+            ]
+            assert broker.bootstrap in page.locator('#map [data-key="kafka"]').inner_text()
+            assert page.locator('#map [data-key="ft->kafka"] .state').inner_text() == "publishing"
+            assert page.locator('#map [data-key="kafka->core"] .state').inner_text() == "connected"
+            screenshot(watched, "dashboard-kafka.png", tmp_path)
+
+            # Kill FT: no quote reaches the topic any more. FT and Core's feed turn
+            # red; the broker, which still answers Core, stays green.
+            ft.process.kill()
+            wait_for_state(page, "ft", "down")
+            wait_for_state(page, "ft->kafka", "down")
+            wait_for_state(page, "kafka->core", "down")
+            assert page.locator('#map [data-key="ft->kafka"] .state').inner_text() == "silent"
+            assert page.locator('#map [data-key="kafka->core"] .state').inner_text() == "retrying"
+            assert map_state(page, "kafka") == "up"
+            assert map_state(page, "core") == "up"
+
+            # Kill the broker too: now its box turns red.
+            broker.kill()
+            wait_for_state(page, "kafka", "down")
             assert watched.errors == []
             assert watched.hosts == {origin}
         finally:

@@ -48,6 +48,7 @@ from quotopia.core.history import HistoryReader
 from quotopia.core.openapi import STATIC_FOLDER
 from quotopia.core.push.hub import PushHub
 from quotopia.core.store import QuoteStore
+from quotopia.core.system import Upstream
 from quotopia.history import queries
 from quotopia.history.database import parse_database_url, upgrade
 from quotopia.history.queries import StoredQuote
@@ -214,7 +215,7 @@ def core_in(state: str, stack: ExitStack | None = None, tmp: Path | None = None)
     if state == "closing":
         hub.close()
     app = create_app(
-        store, lifecycle=lifecycle, hub=hub, ft_addr="127.0.0.1:50051", history=history
+        store, lifecycle=lifecycle, hub=hub, upstream=Upstream("127.0.0.1:50051"), history=history
     )
     if state == "broken":
 

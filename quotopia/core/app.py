@@ -69,7 +69,7 @@ from quotopia.core.push.hub import PushHub
 from quotopia.core.push.sse import SseStream
 from quotopia.core.push.ws import serve_websocket
 from quotopia.core.store import QuoteStore
-from quotopia.core.system import SystemView
+from quotopia.core.system import SystemView, Upstream
 from quotopia.history.request import ParameterError, candle_query, history_query
 from quotopia.telemetry.metrics import build_info, exposition
 from quotopia.telemetry.probes import LIVE, Lifecycle, ProbeAnswer
@@ -100,7 +100,7 @@ def create_app(
     lifecycle: Lifecycle | None = None,
     hub: PushHub | None = None,
     *,
-    ft_addr: str = "?",
+    upstream: Upstream | None = None,
     history: HistoryReader | None = None,
 ) -> QuartTrio:
     """Build the app. It only reads ``store``; the feed consumer writes it.
@@ -109,9 +109,9 @@ def create_app(
     without one, the app counts as serving. ``hub`` serves the push routes (SSE
     and WebSocket); without one, a hub of the app's own with the default limits,
     whose watcher (heartbeats, slow clients) is not running. ``metrics`` is what
-    ``/metrics`` shows; without it, a registry of the app's own. ``ft_addr`` is
-    where FT is, for the system map. ``history`` is the history database the
-    history routes read; without one, they answer 503.
+    ``/metrics`` shows; without it, a registry of the app's own. ``upstream`` is
+    where Core's feed comes from, for the system map. ``history`` is the history
+    database the history routes read; without one, they answer 503.
     """
     if lifecycle is None:
         lifecycle = Lifecycle()
@@ -125,7 +125,7 @@ def create_app(
     registry = metrics.registry
     stored = history if history is not None else HistoryReader(None)
     measured = metrics
-    system = SystemView(store, push, ft_addr)
+    system = SystemView(store, push, upstream or Upstream())
     info = build_info("core")
     version = {
         "version": info["version"],

@@ -132,6 +132,10 @@ class KafkaFeed:
     def __init__(self) -> None:
         #: Records skipped because their value is no ``Quote``.
         self.rejected = 0
+        #: Whether the broker answered the latest session's start (its metadata
+        #: and offsets): what tells a lost broker from a topic with no news,
+        #: since both end a session as FeedStalled.
+        self.answered = False
         self._held: dict[str, DecodedQuote] = {}
 
     async def __call__(self, config: CoreConfig, store: QuoteStore) -> None:
@@ -159,15 +163,25 @@ class KafkaFeed:
 
         try:
             async with deadline:
-                # Bootstrapping fetches every topic's metadata.
-                await consumer.start()
-                partitions = consumer.partitions_for_topic(topic)
-                if not partitions:
-                    raise FeedUnavailable(f"no topic {topic}")
-                assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
-                consumer.assign(assigned)
-                first = await consumer.beginning_offsets(assigned)
-                end = await consumer.end_offsets(assigned)
+                try:
+                    # Bootstrapping fetches every topic's metadata.
+                    await consumer.start()
+                    partitions = consumer.partitions_for_topic(topic)
+                    if not partitions:
+                        raise FeedUnavailable(f"no topic {topic}")
+                    assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+                    consumer.assign(assigned)
+                    first = await consumer.beginning_offsets(assigned)
+                    end = await consumer.end_offsets(assigned)
+                except FeedUnavailable:
+                    self.answered = True  # it answered: there is no such topic
+                    raise
+                except BaseException:
+                    # Refused, unreachable, or silent until the deadline (which
+                    # cancels: hence BaseException; it is raised again).
+                    self.answered = False
+                    raise
+                self.answered = True
                 for tp in assigned:
                     consumer.seek(tp, max(first[tp], end[tp] - config.kafka_replay))
                 snapshot = await self._catch_up(consumer, assigned, fed)

@@ -56,6 +56,7 @@ from quotopia.core.metrics import CoreMetrics, MeasureRequests, RouteTemplates
 from quotopia.core.probes import readiness
 from quotopia.core.push.hub import PushHub
 from quotopia.core.store import QuoteStore
+from quotopia.core.system import Upstream
 from quotopia.errors import StartupError, describe_os_error
 from quotopia.telemetry.probes import Lifecycle
 
@@ -87,14 +88,15 @@ async def serve(
     lifecycle = Lifecycle()
     hub = PushHub(store, config.push, cut=cut_connection)
     rejected = None
+    upstream = Upstream(config.ft_addr)
     if session is None:
-        session, rejected = _feed_session(config)
+        session, rejected, upstream = _feed_session(config)
     metrics = CoreMetrics(
         store, ready=lambda: readiness(lifecycle, store).ok, hub=hub, rejected=rejected
     )
     origin = feed_origin(config)
     history = HistoryReader(config.database_url)
-    quart_app = create_app(store, metrics, lifecycle, hub, ft_addr=config.ft_addr, history=history)
+    quart_app = create_app(store, metrics, lifecycle, hub, upstream=upstream, history=history)
     app = MeasureRequests(
         FinishResponses(PreparedQuotes(quart_app, store)),
         metrics,
@@ -146,16 +148,19 @@ async def serve(
     logger.info("Core stopped")
 
 
-def _feed_session(config: CoreConfig) -> tuple[Session, Callable[[], int] | None]:
-    """The session ``config.source`` names, and its count of rejected records
-    (None: it has none)."""
+def _feed_session(config: CoreConfig) -> tuple[Session, Callable[[], int] | None, Upstream]:
+    """The session ``config.source`` names, its count of rejected records (None:
+    it has none), and where it reads from, for the system map."""
     if config.source != "kafka":
-        return grpc_session, None
+        return grpc_session, None, Upstream(config.ft_addr)
     # Imported here: a Core fed over gRPC never loads aiokafka.
     from quotopia.core.kafka_feed import KafkaFeed
 
     kafka = KafkaFeed()
-    return kafka, lambda: kafka.rejected
+    upstream = Upstream(
+        config.ft_addr, config.kafka, config.kafka_topic, broker_answered=lambda: kafka.answered
+    )
+    return kafka, lambda: kafka.rejected, upstream
 
 
 def _draining_first(

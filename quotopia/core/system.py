@@ -11,12 +11,17 @@ Pure: no I/O; the clock is passed in.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from quotopia.core.push.hub import Kind, PushHub
 from quotopia.core.store import QuoteStore
 
-__all__ = ["RateMeter", "SystemView"]
+__all__ = ["FRESH_SECONDS", "RateMeter", "SystemView", "Upstream"]
+
+#: With Core fed from Kafka, FT counts as up while its latest quote is at most
+#: this old: the age at which the ``QuotopiaQuotesStale`` alert fires.
+FRESH_SECONDS = 10.0
 
 
 class RateMeter:
@@ -42,13 +47,34 @@ class RateMeter:
         return 0.0 if elapsed <= 0 else max(0, count - first_count) / elapsed
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """Where Core's feed comes from: FT's gRPC stream at ``ft_addr``, or, when
+    ``kafka`` is set, the Kafka ``topic`` FT publishes to. ``broker_answered()``
+    says whether the broker answered Core's latest attempt to reach it (without
+    it, the broker counts as up while Core's feed is)."""
+
+    ft_addr: str = "?"
+    kafka: str | None = None
+    topic: str = "quotes"
+    broker_answered: Callable[[], bool] | None = None
+
+
 @dataclass
 class SystemView:
-    """What ``GET /system`` answers, from Core's state."""
+    """What ``GET /system`` answers, from Core's state.
+
+    Fed over gRPC, the map is FT → Core → clients and Core knows FT's state from
+    its stream. Fed from Kafka, it is FT → Kafka → Core → clients: Core's feed is
+    the link from the broker; the broker is up while it answers Core; and FT,
+    which Core never talks to, counts as up while its quotes arrive fresh
+    (:data:`FRESH_SECONDS`). So an FT that stops publishing turns FT and Core's
+    feed red, and leaves the broker green.
+    """
 
     store: QuoteStore
     hub: PushHub
-    ft_addr: str
+    upstream: Upstream = field(default_factory=Upstream)
     requests: RateMeter = field(default_factory=RateMeter)
 
     def snapshot(self, now: float, answered: int) -> dict[str, object]:
@@ -57,46 +83,60 @@ class SystemView:
         store = self.store
         feed = store.feed_status()
         push = {kind.value: self.hub.connections(kind) for kind in Kind}
+        feed_link = {
+            "up": store.connected,
+            "last_quote_age_seconds": feed["last_update_age_seconds"],
+            "reconnects": feed["reconnects"],
+        }
+        core: dict[str, object] = {
+            "id": "core",
+            "name": "Core",
+            "role": "HTTP API, event stream, WebSocket",
+            "up": True,
+            "requests_per_second": round(self.requests.rate(now, answered), 2),
+            "symbols": len(store.latest),
+        }
+        clients: dict[str, object] = {
+            "id": "clients",
+            "name": "Clients",
+            "role": "browsers, curl, grpcurl",
+            "up": True,
+            "push_connections": push,
+        }
+        served = {
+            "from": "core",
+            "to": "clients",
+            "kind": "HTTP, SSE, WebSocket",
+            "up": True,
+            "push_connections": sum(push.values()),
+        }
+        upstream = self.upstream
+        ft: dict[str, object] = {
+            "id": "ft",
+            "name": "FT",
+            "role": "feed / ticker: the market's random walk",
+        }
+        if upstream.kafka is None:
+            ft |= {"address": upstream.ft_addr, "up": store.connected}
+            return {
+                "nodes": [ft, core, clients],
+                "links": [{"from": "ft", "to": "core", "kind": "gRPC stream", **feed_link}, served],
+            }
+        age = feed["last_update_age_seconds"]
+        fresh = isinstance(age, float | int) and age <= FRESH_SECONDS
+        reached = upstream.broker_answered
+        broker = {
+            "id": "kafka",
+            "name": "Kafka",
+            "role": f"the event log: topic {upstream.topic}",
+            "address": upstream.kafka,
+            "up": store.connected if reached is None else reached(),
+        }
         return {
-            "nodes": [
-                {
-                    "id": "ft",
-                    "name": "FT",
-                    "role": "feed / ticker: the market's random walk",
-                    "address": self.ft_addr,
-                    "up": store.connected,
-                },
-                {
-                    "id": "core",
-                    "name": "Core",
-                    "role": "HTTP API, event stream, WebSocket",
-                    "up": True,
-                    "requests_per_second": round(self.requests.rate(now, answered), 2),
-                    "symbols": len(store.latest),
-                },
-                {
-                    "id": "clients",
-                    "name": "Clients",
-                    "role": "browsers, curl, grpcurl",
-                    "up": True,
-                    "push_connections": push,
-                },
-            ],
+            "nodes": [ft | {"up": fresh}, broker, core, clients],
             "links": [
-                {
-                    "from": "ft",
-                    "to": "core",
-                    "kind": "gRPC stream",
-                    "up": store.connected,
-                    "last_quote_age_seconds": feed["last_update_age_seconds"],
-                    "reconnects": feed["reconnects"],
-                },
-                {
-                    "from": "core",
-                    "to": "clients",
-                    "kind": "HTTP, SSE, WebSocket",
-                    "up": True,
-                    "push_connections": sum(push.values()),
-                },
+                {"from": "ft", "to": "kafka", "kind": "Kafka produce", "up": fresh},
+                {"from": "kafka", "to": "core", "kind": f"topic {upstream.topic}", **feed_link},
+                served,
             ],
         }

@@ -226,6 +226,9 @@
     const quoteAge =
       page.lastQuoteAt === null ? null : (performance.now() - page.lastQuoteAt) / 1000;
     const nodes = new Map(system.nodes.map((node) => [node.id, node]));
+    // Core's feed: from FT's stream, or from Kafka when Core reads the topic.
+    const feedLink = system.links.find((link) => link.to === "core");
+    const feedFrom = feedLink ? feedLink.from : null;
     const order = [];
     // Follow the links from the first node, so that the map reads left to right.
     const targets = new Set(system.links.map((link) => link.to));
@@ -244,12 +247,16 @@
       if (entry.node) {
         const node = entry.node;
         let up = reachable ? node.up : null;
-        if (node.id === "ft" && reachable && feedUp !== null) up = feedUp;
+        // Fed by FT's stream, Core knows FT's state first hand, as soon as it changes.
+        if (node.id === "ft" && feedFrom === "ft" && reachable && feedUp !== null) up = feedUp;
         const pairs = [];
         if (node.id === "ft") {
           const rate = up ? tickRate() : null;
-          pairs.push(["Address", node.address || "–"]);
+          // Fed from Kafka, Core never talks to FT, so it knows no address of FT's.
+          if (node.address) pairs.push(["Address", node.address]);
           pairs.push(["Tick rate", rate === null ? "–" : `${rate.toFixed(1)} /s`]);
+        } else if (node.id === "kafka") {
+          pairs.push(["Address", node.address || "–"]);
         } else if (node.id === "core") {
           pairs.push(["Requests", `${(node.requests_per_second ?? 0).toFixed(1)} /s`]);
           pairs.push(["Symbols", String(node.symbols ?? "–")]);
@@ -265,7 +272,7 @@
         const key = `${link.from}->${link.to}`;
         let up = reachable ? link.up : null;
         const pairs = [];
-        if (link.from === "ft") {
+        if (link === feedLink) {
           if (reachable && feedUp !== null) up = feedUp;
           const reconnects = page.feed ? page.feed.reconnects : link.reconnects;
           pairs.push(["Last quote", age(quoteAge ?? link.last_quote_age_seconds)]);
@@ -273,7 +280,10 @@
         } else if (link.push_connections !== undefined && link.push_connections !== null) {
           pairs.push(["Push clients", String(link.push_connections)]);
         }
-        const words = up === null ? "unknown" : link.from === "ft" ? (up ? "connected" : "retrying") : up ? "open" : "down";
+        let words = up ? "open" : "down";
+        if (link === feedLink) words = up ? "connected" : "retrying";
+        else if (link.from === "ft") words = up ? "publishing" : "silent";
+        if (up === null) words = "unknown";
         drawLink(mapItem("link", key), link.kind, up, words, pairs);
         keys.add(key);
       }
