@@ -627,6 +627,9 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
         )
         if core_config.workers > 1:
             from quotopia.core.workers import run_workers
+            from quotopia.telemetry import tracing
+
+            tracing.check_environment()  # each worker sets tracing up from them
 
             return partial(run_workers, core_config, args.log_level, args.log_format)
         return _service(partial(serve_core, core_config), "core", "trio", args)

@@ -19,7 +19,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
-from _procs import QuotopiaProcess, wait_until
+from _otlp import ReceivedSpan, otlp_receiver
+from _procs import QuotopiaProcess, clean_env, wait_until
 from _services import DEADLINE, Service, core_args, run_cli, running_ft, usage_error
 
 pytestmark = pytest.mark.e2e
@@ -174,6 +175,46 @@ def test_the_workers_stop_when_the_parent_dies(core: Workers) -> None:
     # And the port is free again.
     with socket.create_server(("127.0.0.1", core.port)):
         pass
+
+
+def test_every_worker_traces_as_one_of_core_s_workers(ft: Service) -> None:
+    """Tracing on (OTEL_EXPORTER_OTLP_ENDPOINT): each worker sends its own spans,
+    marked with its number, and flushes them when it stops: its feed session ends
+    with the stop, so that span arrives only if the worker's last export does."""
+    with otlp_receiver() as receiver:
+        env = clean_env(
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="100"
+        )
+        with QuotopiaProcess(*core_args(ft.port, "--workers", str(WORKERS)), env=env) as process:
+            port = int(process.wait_for_line(CORE_READY, DEADLINE)[1])
+            for number in range(1, WORKERS + 1):
+                process.wait_for_line(rf"worker {number}: .*tracing on: otlp to ", DEADLINE)
+
+            def workers_of(spans: list[ReceivedSpan], name: str) -> set[object]:
+                return {s.resource.get("quotopia.worker") for s in spans if s.name == name}
+
+            def every_worker_traced_a_request() -> bool:
+                get(port, "/quotes")  # a fresh connection each time: any worker may take it
+                return workers_of(receiver.spans(), "GET /quotes") == set(range(1, WORKERS + 1))
+
+            wait_until(every_worker_traced_a_request, DEADLINE, interval=0.05, what="spans")
+            assert process.terminate(DEADLINE) == 0, process.output()
+
+        feed = "QuoteService/StreamQuotes"
+        spans = receiver.wait_for(lambda spans: len(workers_of(spans, feed)) == WORKERS)
+    for span in spans:
+        assert span.service_name == "quotopia-core"
+        assert span.resource["quotopia.worker"] in range(1, WORKERS + 1)
+    requests = [s for s in spans if s.name == "GET /quotes"]
+    assert {(s.kind, s.attributes["http.response.status_code"]) for s in requests} == {
+        ("SERVER", 200)
+    }
+    no_traceback(process)
+
+
+def test_a_bad_tracing_variable_is_one_line_and_exit_status_2() -> None:
+    result = run_cli("core", "--workers", "2", OTEL_TRACES_EXPORTER="zipkin")
+    assert "OTEL_TRACES_EXPORTER" in usage_error(result, "core")
 
 
 @pytest.mark.parametrize(

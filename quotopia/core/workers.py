@@ -22,6 +22,10 @@ Signals and exits:
 - If the parent dies, even by SIGKILL, its workers stop by themselves: each holds
   the read end of a pipe (the *lifeline*) whose write end only the parent holds,
   and which therefore ends when the parent does.
+
+Tracing (the ``OTEL_*`` variables, which the workers inherit) is checked by the
+parent and set up in each worker, whose spans carry a ``quotopia.worker`` resource
+attribute, its number; the parent serves nothing, so it traces nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from quotopia.core.feed import feed_origin
 from quotopia.core.server import LISTEN_BACKLOG, serve
 from quotopia.errors import StartupError, describe_os_error
 from quotopia.shutdown import shutdown_on_signals
+from quotopia.telemetry import tracing
 
 __all__ = ["STOP_TIMEOUT", "run_workers"]
 
@@ -67,7 +72,8 @@ def run_workers(config: CoreConfig, log_level: str, log_format: str = "text") ->
     stop, 1 if a worker exited by itself (or would not stop).
 
     Error handling: raises :class:`~quotopia.errors.StartupError` if the port
-    cannot be bound, before any worker starts.
+    cannot be bound, before any worker starts. The caller checks the ``OTEL_*``
+    variables first (:func:`~quotopia.telemetry.tracing.check_environment`).
     """
     logs.configure(log_level, log_format, "core")
     listener = _listen(config)
@@ -184,7 +190,11 @@ def _worker_main() -> None:
     fields = json.loads(settings)
     config = CoreConfig(**fields | {"push": PushLimits(**fields["push"])})
     listener = socket.socket(fileno=int(listen_fd))
-    trio.run(_serve_worker, config, listener, int(lifeline_fd))
+    tracing.configure_tracing("core", {"quotopia.worker": int(number)})
+    try:
+        trio.run(_serve_worker, config, listener, int(lifeline_fd))
+    finally:
+        tracing.shutdown_tracing()
 
 
 async def _serve_worker(config: CoreConfig, listener: socket.socket, lifeline_fd: int) -> None:

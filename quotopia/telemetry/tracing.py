@@ -55,7 +55,7 @@ import atexit
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -162,12 +162,14 @@ def check_environment() -> bool:
     return bool(_check_environment())
 
 
-def configure_tracing(service: str) -> bool:
+def configure_tracing(service: str, attributes: Mapping[str, str | int] | None = None) -> bool:
     """Set tracing up from the ``OTEL_*`` environment variables; return whether it is on.
 
     ``service`` is the short name (``ft``, ``core``, ``recorder``); the resource's
     ``service.name`` is ``quotopia-{service}`` unless ``OTEL_SERVICE_NAME`` or
-    ``OTEL_RESOURCE_ATTRIBUTES`` says otherwise. Tracing is on when
+    ``OTEL_RESOURCE_ATTRIBUTES`` says otherwise. ``attributes`` are more resource
+    attributes of this process (``quotopia.worker`` for one of ``core --workers``),
+    under the environment's too. Tracing is on when
     ``OTEL_TRACES_EXPORTER`` names exporters (``otlp``, ``console``, comma
     separated) or, with it unset, when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
     ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set; never with
@@ -189,7 +191,7 @@ def configure_tracing(service: str) -> bool:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    provider = TracerProvider(resource=_resource(service), shutdown_on_exit=False)
+    provider = TracerProvider(resource=_resource(service, attributes), shutdown_on_exit=False)
     for name in exporters:
         provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
     _install(provider, provider)
@@ -500,7 +502,7 @@ def _shutdown_bounded(provider: TracerProvider, timeout: float) -> None:
         logger.warning("tracing: spans not exported within %gs of shutdown were dropped", timeout)
 
 
-def _resource(service: str) -> Resource:
+def _resource(service: str, attributes: Mapping[str, str | int] | None) -> Resource:
     from opentelemetry.sdk.resources import (
         SERVICE_NAME,
         SERVICE_VERSION,
@@ -511,7 +513,11 @@ def _resource(service: str) -> Resource:
     # Resource.create puts its arguments over the environment's attributes;
     # merging the environment's again puts it back on top, as the specification
     # orders it: OTEL_SERVICE_NAME, then OTEL_RESOURCE_ATTRIBUTES, then ours.
-    defaults = {SERVICE_NAME: f"quotopia-{service}", SERVICE_VERSION: __version__}
+    defaults: dict[str, str | int] = {
+        SERVICE_NAME: f"quotopia-{service}",
+        SERVICE_VERSION: __version__,
+        **(attributes or {}),
+    }
     return Resource.create(defaults).merge(OTELResourceDetector().detect())
 
 
