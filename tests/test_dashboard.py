@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
@@ -111,6 +112,20 @@ def screenshot(watched: Watched, name: str, tmp_path: Path) -> Path:
     return path
 
 
+@contextmanager
+def live_dashboard(
+    browser: Browser, origin: str, viewport: ViewportSize = DESKTOP
+) -> Iterator[Watched]:
+    """The dashboard of the Core at ``origin``, once its push connection is live."""
+    watched = Watched(browser, viewport)
+    try:
+        watched.page.goto(f"http://{origin}/")
+        watched.page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+        yield watched
+    finally:
+        watched.close()
+
+
 def map_state(page: Page, key: str) -> str | None:
     return page.get_attribute(f'#map [data-key="{key}"]', "data-state")
 
@@ -123,11 +138,8 @@ def wait_for_state(page: Page, key: str, state: str) -> None:
 def test_the_dashboard_is_live_and_its_map_follows_ft(browser: Browser, tmp_path: Path) -> None:
     with running_ft() as ft, running_core(ft.port) as core:
         origin = f"127.0.0.1:{core.port}"
-        watched = Watched(browser, DESKTOP)
-        page = watched.page
-        try:
-            page.goto(f"http://{origin}/")
-            page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+        with live_dashboard(browser, origin) as watched:
+            page = watched.page
             price = page.locator('.card[data-symbol="BTC"] .price data')
             price.wait_for(timeout=WAIT_MS)
             first = price.inner_text()
@@ -189,10 +201,7 @@ def test_the_dashboard_is_live_and_its_map_follows_ft(browser: Browser, tmp_path
                     timeout=WAIT_MS,
                 )
 
-                phone = Watched(browser, PHONE)
-                try:
-                    phone.page.goto(f"http://{origin}/")
-                    phone.page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+                with live_dashboard(browser, origin, PHONE) as phone:
                     wait_for_state(phone.page, "ft", "up")
                     # Filled from Core's recent history: not empty on arrival.
                     phone.page.wait_for_selector(".card .plot canvas", timeout=WAIT_MS)
@@ -201,12 +210,8 @@ def test_the_dashboard_is_live_and_its_map_follows_ft(browser: Browser, tmp_path
                     screenshot(phone, "dashboard-phone.png", tmp_path)
                     assert phone.errors == []
                     assert phone.hosts == {origin}
-                finally:
-                    phone.close()
             assert watched.errors == []
             assert watched.hosts == {origin}
-        finally:
-            watched.close()
 
 
 @pytest.mark.e2e
@@ -221,11 +226,8 @@ def test_fed_from_kafka_the_map_goes_through_the_broker(browser: Browser, tmp_pa
     ):
         port = int(core.wait_for_line(r"Core listening on http://127\.0\.0\.1:(\d+)", DEADLINE)[1])
         origin = f"127.0.0.1:{port}"
-        watched = Watched(browser, DESKTOP)
-        page = watched.page
-        try:
-            page.goto(f"http://{origin}/")
-            page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+        with live_dashboard(browser, origin) as watched:
+            page = watched.page
             for key in ("ft", "ft->kafka", "kafka", "kafka->core", "core"):
                 wait_for_state(page, key, "up")
             order = page.eval_on_selector_all(
@@ -261,8 +263,6 @@ def test_fed_from_kafka_the_map_goes_through_the_broker(browser: Browser, tmp_pa
             wait_for_state(page, "kafka", "down")
             assert watched.errors == []
             assert watched.hosts == {origin}
-        finally:
-            watched.close()
 
 
 def _stored_btc(db: str, count: int) -> tuple[str, float]:

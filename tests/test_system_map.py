@@ -45,6 +45,12 @@ def by_id(snapshot: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
     return {item["id"] if "id" in item else f"{item['from']}->{item['to']}": item for item in items}
 
 
+def up(snapshot: dict[str, Any]) -> dict[str, bool]:
+    """Whether each node and link is up, by node id or ``from->to``."""
+    nodes, links = by_id(snapshot, "nodes"), by_id(snapshot, "links")
+    return {key: item["up"] for key, item in (nodes | links).items()}
+
+
 def test_fed_over_grpc_the_map_is_ft_core_clients() -> None:
     clock = Clock()
     system, store = view(Upstream("127.0.0.1:50051"), clock)
@@ -82,28 +88,22 @@ def test_fed_from_kafka_the_map_goes_through_the_broker() -> None:
     store.feed_up()
     store.apply("BTC", 95432.12, datetime.now(UTC), 0.03, 1)
     snapshot = system.snapshot(clock.now, 0)
-    nodes, links = by_id(snapshot, "nodes"), by_id(snapshot, "links")
-    assert nodes["ft"]["up"] is True
-    assert nodes["kafka"]["up"] is True
-    assert links["ft->kafka"]["up"] is True
-    assert links["kafka->core"]["up"] is True
-    assert links["kafka->core"]["last_quote_age_seconds"] == 0
+    assert up(snapshot) == dict.fromkeys(
+        ["ft", "kafka", "core", "clients", "ft->kafka", "kafka->core", "core->clients"], True
+    )
+    assert by_id(snapshot, "links")["kafka->core"]["last_quote_age_seconds"] == 0
 
     # FT goes silent; Core's consumer is still connected to the broker.
     clock.now += FRESH_SECONDS
-    assert by_id(system.snapshot(clock.now, 0), "nodes")["ft"]["up"] is True
+    assert up(system.snapshot(clock.now, 0))["ft"] is True
     clock.now += 0.5
-    snapshot = system.snapshot(clock.now, 0)
-    nodes, links = by_id(snapshot, "nodes"), by_id(snapshot, "links")
-    assert nodes["ft"]["up"] is False
-    assert links["ft->kafka"]["up"] is False
-    assert nodes["kafka"]["up"] is True
-    assert links["kafka->core"]["up"] is True
+    state = up(system.snapshot(clock.now, 0))
+    assert (state["ft"], state["ft->kafka"]) == (False, False)
+    assert (state["kafka"], state["kafka->core"]) == (True, True)
 
     store.feed_down()
-    snapshot = system.snapshot(clock.now, 0)
-    assert by_id(snapshot, "nodes")["kafka"]["up"] is False
-    assert by_id(snapshot, "links")["kafka->core"]["up"] is False
+    state = up(system.snapshot(clock.now, 0))
+    assert (state["kafka"], state["kafka->core"]) == (False, False)
 
 
 def test_the_broker_is_up_while_it_answers_core_whatever_the_feed() -> None:
