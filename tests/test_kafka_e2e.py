@@ -4,7 +4,8 @@ FT publishes to a private Tansu broker (tests/_kafka.py); Core reads the topic
 (``--source kafka``) and the recorder writes it into PostgreSQL
 (``--source kafka``, a consumer group); Core's history routes read it back. Then
 the recorder is killed with SIGKILL mid-stream and started again: once FT has
-drained, the table holds exactly the quotes FT says the broker acknowledged.
+drained, the table holds exactly the quotes FT says the broker acknowledged; and
+the same after PostgreSQL is stopped under it, from its committed offsets.
 And the broker itself is killed and restarted under FT, a Core fed over gRPC and
 a recorder reading the topic: FT's gRPC stream never pauses, its Kafka buffer
 stays within its capacity, and publishing and recording resume.
@@ -135,6 +136,54 @@ def test_ft_kafka_core_and_recorder_into_postgresql(postgres_server: Postgres) -
             status, page = http_get(core_port, "/quotes/BTC/history?limit=5")
             assert status == 200, page
             assert len(page["quotes"]) == 5
+
+
+def test_postgresql_stopped_under_the_kafka_recorder_it_resumes_from_its_offsets(
+    postgres_server: Postgres,
+) -> None:
+    """PostgreSQL stopped under a recorder reading the topic: its batches fail and
+    are retried, it says so on /readyz, and it commits no offset past what the
+    database holds. Killed then (its buffer is lost) and started again once
+    PostgreSQL is back, the new recorder catches up from the committed offsets:
+    the table ends with every quote the broker acknowledged, each once."""
+    postgres_server.psql("CREATE DATABASE kafka_pg_outage")
+    database = postgres_server.url.rsplit("/", 1)[0] + "/kafka_pg_outage"
+    commits, failed = "quotopia_recorder_kafka_commits_total", "quotopia_recorder_batches_total"
+
+    def failures(port: int) -> float:
+        return scrape(port)[(failed, (("outcome", "failed"),))]
+
+    with tansu_broker() as broker, ft(broker) as feed:
+        with recorder(broker, database) as (first, port):
+            wait_until(lambda: len(rows(database)) >= 30, DEADLINE, what="30 rows")
+            wait_until(lambda: sample_total(scrape(port), commits) > 0, DEADLINE, what="a commit")
+            postgres_server.stop()
+            try:
+                unavailable = (503, {"status": "database unavailable"})
+                wait_until(lambda: http_get(port, "/readyz") == unavailable, DEADLINE, what="503")
+                wait_until(lambda: failures(port) >= 2, DEADLINE, what="failed batches")
+                committed = sample_total(scrape(port), commits)
+                wait_until(lambda: failures(port) >= 4, DEADLINE, what="more failed batches")
+                # Nothing written, so nothing committed: the offsets wait for the database.
+                assert sample_total(scrape(port), commits) == committed
+                first.signal(signal.SIGKILL)
+                first.wait(DEADLINE)
+            finally:
+                postgres_server.start()
+        with recorder(broker, database) as (second, port):
+            feed.signal(signal.SIGTERM)
+            assert feed.wait(DEADLINE) == 0
+            (stopped,) = [line for line in feed.output().splitlines() if "FT stopped" in line]
+            sent = int(stopped.split("Kafka: ")[1].split(" quotes sent")[0])
+            assert "0 dropped" in stopped
+            wait_until(lambda: len(rows(database)) >= sent, DEADLINE, what=f"all {sent} stored")
+            stored = rows(database)
+            assert len(stored) == len(set(stored)) == sent
+            assert sample_total(scrape(port), "quotopia_recorder_missed_quotes_total") == 0
+            second.signal(signal.SIGTERM)
+            assert second.wait(DEADLINE) == 0
+    bad = [line for line in second.stderr_lines if " ERROR " in line or "Traceback" in line]
+    assert not bad, second.output()
 
 
 #: FT's Kafka buffer in the broker test: a third of a second of quotes at TICK.
