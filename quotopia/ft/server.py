@@ -44,11 +44,12 @@ from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.reflection.v1 import reflection_pb2
 from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
-from grpclib.server import Server
+from grpclib.server import Handler, Server
 
 from quotopia._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from quotopia.ft.broadcast import Broadcaster
 from quotopia.ft.config import FTConfig
+from quotopia.ft.h2fast import FastControlProtocol
 from quotopia.ft.kafka import KafkaPublisher
 from quotopia.ft.metrics import FTMetrics
 from quotopia.ft.service import QuoteService
@@ -173,7 +174,8 @@ async def serve(
 
 
 class _Server(Server):
-    """grpclib's Server, which can also close the connections it accepted.
+    """grpclib's Server, which can also close the connections it accepted, and
+    answers its clients' PINGs and window updates on a fast path.
 
     ``Server.close()`` stops listening and cancels handlers, but leaves accepted
     connections open: a client that was cut off at the drain deadline would hang,
@@ -186,7 +188,11 @@ class _Server(Server):
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
+        # grpclib's own factory, building FT's protocol (quotopia.ft.h2fast) instead.
+        self.__gc_step__()
+        handler = Handler(self._mapping, self._codec, self._status_details_codec, self.__dispatch__)
+        self._handlers.add(handler)
+        protocol = FastControlProtocol(handler, self._config, self._h2_config)
         self._protocols.add(protocol)
         return protocol
 

@@ -5,9 +5,9 @@ prefixes it, and writes it as an HTTP/2 DATA frame of its own: one encoding, one
 frame and one socket write per message per subscriber. FT encodes each quote once
 per tick (:mod:`quotopia.ft.wire`) and writes a subscriber's share of a tick at
 once. grpclib has no public API for that, so this module reaches one level down,
-to the HTTP/2 stream under grpclib's ``Stream`` (private attributes). It is the
-only module that does, apart from the slow-consumer reset in
-:mod:`quotopia.ft.service`.
+to the HTTP/2 stream under grpclib's ``Stream`` (private attributes). It is one
+of the three modules that do, with :mod:`quotopia.ft.h2fast` and the slow-consumer
+reset in :mod:`quotopia.ft.service`.
 
 What is kept from ``send_message``: HTTP/2 flow control, the pause while the
 transport's buffer is full, frames no larger than the client allows, grpclib's
@@ -22,7 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 from grpclib.server import Stream
-from h2.exceptions import ProtocolError
+
+from quotopia.ft.h2fast import data_frame
 
 __all__ = ["MessageWriter"]
 
@@ -69,15 +70,12 @@ class MessageWriter:
         connection = self._h2_stream.connection
         if not connection.write_ready.is_set() or self._transport.is_closing():
             return False
-        h2 = self._h2
-        try:
-            # h2 checks the flow-control window, the frame size and the stream's
-            # state before it changes anything, and raises a ProtocolError if any
-            # of them forbids the frame: then nothing was written.
-            h2.send_data(self._stream_id, data)
-        except ProtocolError:
+        # One DATA frame, exactly as h2.send_data() would make it, checked and
+        # accounted in h2's own state (quotopia.ft.h2fast).
+        frame = data_frame(self._h2, self._stream_id, data)
+        if frame is None:
             return False
-        self._transport.write(h2.data_to_send())
+        self._transport.write(frame)
         self._h2_stream.data_sent += len(data)
         connection.data_sent += len(data)
         connection.data_send_process()
