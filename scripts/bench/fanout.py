@@ -70,16 +70,19 @@ def measure_feed(
     tick: float,
     warmup_s: float,
     window_s: float,
+    client: str | None = None,
 ) -> dict[str, object]:
-    """Hold ``subscribers`` streams on a ready feed; measure one window."""
+    """Hold ``subscribers`` streams of ``client`` (default: the plan's) on a ready
+    feed; measure one window."""
     plan = ctx.plan
+    client = client or plan.load_client
     ft_ready(feed, port, ctx.pb, 30)
     with Subscribers(
         f"127.0.0.1:{port}",
         subscribers,
         processes=plan.load_processes,
         per_connection=plan.streams_per_connection,
-        client=plan.load_client,
+        client=client,
         proto_dir=ctx.proto_dir,
     ) as subs:
         connect_s, problem = subs.wait_ready(plan.connect_timeout_s)
@@ -98,6 +101,7 @@ def measure_feed(
     result.update(
         {
             "tick_s": tick,
+            "load_client": client,
             "connect_s": connect_s,
             "connect_problem": problem,
             "nominal_per_s": subscribers * SYMBOLS / tick,
@@ -159,6 +163,13 @@ def _f(value: object) -> float | None:
     return None if value is None else float(value)  # type: ignore[arg-type]
 
 
+def _client(r: dict[str, object]) -> str:
+    """The load client, as the table names it: a real one, or the bench's own reader."""
+    if r.get("load_client") == "wire":
+        return "the lean wire reader, not a real gRPC client"
+    return f"{r.get('load_client')} clients"
+
+
 def _fanout_row(n: int, r: dict[str, object]) -> Row:
     fraction = 100 * _f(r["fraction_to_all"])  # type: ignore[operator]
     errors = r["errors"]
@@ -176,7 +187,8 @@ def _fanout_row(n: int, r: dict[str, object]) -> Row:
         f"{ms(_f(r['latency_p50_s']))} / {ms(_f(r['latency_p99_s']))}",
         "",
         f"FT CPU {pct(_f(r['feed_cpu_pct']))}, RSS {mib(_f(r['feed_peak_rss']))}; "
-        f"load CPU {pct(_f(r['client_cpu_pct']))} ({r['client_processes']} procs); "
+        f"load CPU {pct(_f(r['client_cpu_pct']))} ({r['client_processes']} procs "
+        f"of {_client(r)}); "
         f"other processes {pct(_f(r['others_cpu_pct']))}; "
         f"gaps {r['gaps']}{trouble}",
     )
@@ -269,7 +281,7 @@ def _throughput_rows(
     return [
         Row(
             "3 throughput",
-            f"max quotes/s delivered, all {n} keeping up",
+            f"max quotes/s delivered, all {n} keeping up ({_client(ft or peer or {})})",
             figure(ft),
             f"grpcio.aio peer: {figure(peer)}",
             f"at that step: FT {load(ft)}; peer {load(peer)}",

@@ -74,6 +74,13 @@ class Plan:
     history_requests: int = 200
     #: Seconds one query's requests may take in all (a heavy query gets fewer).
     history_budget_s: float = 10.0
+    # 9. FT beside the Go original, under grpc-go's client (scripts/bench/gofanout.py)
+    #: The folder of the Go original's ft, core and fanout-load (None: $QUOTOPIA_GO_SEED).
+    go_seed: str | None = None
+    go_fanout_sizes: tuple[int, ...] = (1_000, 5_000)
+    go_curve_sizes: tuple[int, ...] = (100, 300, 500, 700, 1_000)
+    go_curve_tick_s: float = 0.01
+    go_window_s: float = 8.0
     # 5. Footprint
     startup_repeats: int = 3
     idle_settle_s: float = 3.0
@@ -82,7 +89,8 @@ class Plan:
     connect_timeout_s: float = 60.0
     load_processes: int = 2
     streams_per_connection: int = 1
-    load_client: str = "wire"
+    #: grpcio (C-core, several processes), as users run; "wire" is the bench's lean reader.
+    load_client: str = "grpcio"
     parts: tuple[str, ...] = (
         "footprint",
         "rest",
@@ -92,6 +100,7 @@ class Plan:
         "push",
         "ingest",
         "history",
+        "go",
     )
 
 
@@ -122,6 +131,9 @@ def plan_for(mode: str, **overrides: object) -> Plan:
             "ingest_window_s": 5.0,
             "history_rows": 200_000,
             "history_requests": 50,
+            "go_fanout_sizes": (1_000, 2_000),
+            "go_curve_sizes": (100, 300, 700),
+            "go_window_s": 5.0,
             "startup_repeats": 1,
             "idle_settle_s": 1.0,
         },
@@ -148,6 +160,9 @@ def plan_for(mode: str, **overrides: object) -> Plan:
             "ingest_window_s": 1.0,
             "history_rows": 3_000,
             "history_requests": 5,
+            "go_fanout_sizes": (10, 20),
+            "go_curve_sizes": (10, 20),
+            "go_window_s": 2.0,
             "startup_repeats": 1,
             "idle_settle_s": 0.5,
             "load_processes": 1,

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
@@ -67,7 +67,9 @@ class Service:
     and reaps it.
     """
 
-    def __init__(self, name: str, argv: Sequence[str]) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> None:
         self.name = name
         self.started_at = time.monotonic()
         #: FT's /metrics port, once known (see start_ft).
@@ -80,7 +82,7 @@ class Service:
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
-            env=clean_env(),
+            env=clean_env() | dict(env or {}),
         )
         self.pid = self._popen.pid
         self.process = psutil.Process(self.pid)

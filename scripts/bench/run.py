@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import fanout, footprint, freshness, history, ingest, protos, push, rest
+from . import fanout, footprint, freshness, gofanout, history, ingest, protos, push, rest
 from .loadclient import CLIENTS
 from .plan import MODES, Context, Plan, plan_for
 from .procs import ROOT, BenchError
@@ -44,6 +44,7 @@ PARTS: dict[str, Callable[[Context], Part]] = {
     "push": push.run,
     "ingest": ingest.run,
     "history": history.run,
+    "go": gofanout.run,
 }
 ALL_PARTS = (*PARTS, "footprint")
 DEFAULT_OUT = ROOT / "bench-results" / "bench.json"
@@ -86,8 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--load-client",
         choices=CLIENTS,
-        help="gRPC client of the subscriber load: the lean HTTP/2 one (wire, default) "
-        "or grpcio's grpc.aio",
+        help="gRPC client of the fan-out and throughput parts' subscriber load: grpcio's "
+        "grpc.aio (C-core, the default), or wire, the bench's lean HTTP/2 reader (cheaper "
+        "for FT than any real client: its figures are labelled so)",
+    )
+    parser.add_argument(
+        "--go-seed",
+        metavar="DIR",
+        help="the Go original's binaries (ft, core, fanout-load, built by "
+        "../shared/anchors/go-seed/build.sh): its FT and Core join the run as peers, and "
+        f"part 9 measures FT under grpc-go's client (default: ${gofanout.GO_SEED_ENV})",
     )
     parser.add_argument("--load-processes", type=int, help="processes sharing the gRPC load")
     parser.add_argument(
@@ -113,6 +122,8 @@ def _plan(args: argparse.Namespace) -> Plan:
         overrides["load_client"] = args.load_client
     if args.load_processes:
         overrides["load_processes"] = args.load_processes
+    if args.go_seed:
+        overrides["go_seed"] = args.go_seed
     if args.streams_per_connection:
         overrides["streams_per_connection"] = args.streams_per_connection
     return plan_for(mode, **overrides)
