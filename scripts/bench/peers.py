@@ -5,6 +5,11 @@ Each is a command of ``python -m scripts.bench.peers``, started by the bench:
 ``asgi``
     A raw ASGI app returning fixed bytes (captured from Core in the same run) on
     hypercorn's Trio worker, configured like Core's: the ceiling of Core's server.
+``fastapi``
+    What a user might write instead of Core's REST API: FastAPI on uvicorn
+    (uvloop, httptools), answering ``GET /quotes`` and ``GET /quotes/{symbol}``
+    with the bytes Core returned (captured in the same run), as a
+    ``Response`` so no JSON encoding is timed that Core does not do either.
 ``ft``
     FT's contract (``QuoteService/StreamQuotes``) on a grpcio.aio server, with
     protoc-generated classes, Quotopia's own market walk and Quotopia's own
@@ -255,6 +260,43 @@ def _run_core(
 # --- the command line -----------------------------------------------------------------
 
 
+# --- fastapi: the REST API as a user might write it -----------------------------------
+
+
+def _serve_fastapi(args: argparse.Namespace) -> None:
+    import socket
+
+    import uvicorn
+    from fastapi import FastAPI, Response
+
+    bodies = {
+        path: body.encode() for path, body in json.loads(Path(args.bodies).read_text()).items()
+    }
+    every = bodies["/quotes"]
+    app = FastAPI()
+
+    @app.get("/quotes")
+    async def quotes() -> Response:
+        return Response(every, media_type="application/json")
+
+    @app.get("/quotes/{symbol}")
+    async def quote(symbol: str) -> Response:
+        body = bodies.get(f"/quotes/{symbol.upper()}")
+        if body is None:
+            return Response(
+                b'{"error": "not found"}', status_code=404, media_type="application/json"
+            )
+        return Response(body, media_type="application/json")
+
+    sock = socket.create_server((args.host, args.port), backlog=4096)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, loop="uvloop", http="httptools"
+    )
+    logger.warning("peer FastAPI listening on http://%s:%d", args.host, port)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
 # --- sse: FastAPI + sse-starlette on uvicorn ------------------------------------------
 
 
@@ -352,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     asgi = commands.add_parser("asgi", help="raw ASGI app on hypercorn's Trio worker")
     asgi.add_argument("--bodies", required=True, help="JSON file: {path: body}")
 
+    rest = commands.add_parser("fastapi", help="FastAPI on uvicorn, returning Core's bytes")
+    rest.add_argument("--bodies", required=True, help="JSON file: {path: body}")
+
     ft = commands.add_parser("ft", help="grpcio.aio peer of FT")
     ft.add_argument("--proto-dir", required=True, help="grpc_tools output (quotes_pb2)")
     ft.add_argument("--tick-interval", type=float, default=1.0)
@@ -369,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sse.add_argument("--ft-addr", required=True)
     sse.add_argument("--proto-dir", required=True, help="grpc_tools output (quotes_pb2)")
 
-    for command in (asgi, ft, probed, sse):
+    for command in (asgi, rest, ft, probed, sse):
         command.add_argument("--host", default="127.0.0.1")
         command.add_argument("--port", type=int, default=0)
         command.add_argument("--log-level", default="WARNING")
@@ -380,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level)
     if args.command == "asgi":
         _serve_asgi(args)
+    elif args.command == "fastapi":
+        _serve_fastapi(args)
     elif args.command == "ft":
         _serve_ft(args)
     elif args.command == "sse":

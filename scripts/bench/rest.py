@@ -6,7 +6,10 @@
 - Core (``quotopia core``), fed by a real FT at the 1 s tick;
 - a raw ASGI app on hypercorn's Trio worker returning the bytes Core returned
   (captured at the start of the part): the ceiling of Core's server;
-- Core on 2 workers (``quotopia core --workers 2``).
+- Core on 2 workers (``quotopia core --workers 2``);
+- what users would pick instead, in the solo rounds: FastAPI on uvicorn returning
+  the same bytes, and, with ``--go-seed`` (:mod:`.gofanout`), the Go original's
+  Core (Gin, release mode) fed by the Go original's FT.
 
 On a shared machine the same server under the same wrk run twice can differ by a
 third, so a single run of each, one after the other, says little about their
@@ -35,11 +38,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from . import gofanout
 from .plan import Context
 from .procs import (
     BenchError,
@@ -74,6 +80,9 @@ WRK_MISSING = (
 
 #: The servers of the solo rounds, by the names their figures are saved under.
 CORE, RAW, MULTI = "core", "raw_asgi", "core_multi"
+FASTAPI, GO_CORE = "fastapi", "go_core"
+#: The peers' rows, by label: FastAPI always, the Go original's Core with --go-seed.
+PEERS = (("FastAPI/uvicorn", FASTAPI), ("Go Core (Gin)", GO_CORE))
 
 #: One measured wrk run, as saved in the JSON: :class:`WrkResult`'s fields plus CPU.
 Figures = dict[str, Any]
@@ -346,31 +355,62 @@ def run(ctx: Context) -> Part:
         "workers": workers,
     }
     ft, ft_port = start_ft(1.0)
-    with ft, tempfile.TemporaryDirectory(prefix="quotopia-bench-") as tmp:
+    with ft, tempfile.TemporaryDirectory(prefix="quotopia-bench-") as tmp, ExitStack() as peers:
         ft_ready(ft, ft_port, ctx.pb, 30)
-        core, port = start_core(ft_port)
-        with core:
-            core_ready(core, port, 30)
-            bodies = {path: http_get(port, path)[1].decode() for path in PATHS}
-            bodies_file = Path(tmp) / "bodies.json"
-            bodies_file.write_text(json.dumps(bodies))
-            raw = Service(
-                "raw-asgi",
-                [sys.executable, "-m", "scripts.bench.peers", "asgi", f"--bodies={bodies_file}"],
+        core, port = peers.enter_context(_started(start_core(ft_port)))
+        core_ready(core, port, 30)
+        bodies = {path: http_get(port, path)[1].decode() for path in PATHS}
+        bodies_file = Path(tmp) / "bodies.json"
+        bodies_file.write_text(json.dumps(bodies))
+        servers = {
+            CORE: (core, port),
+            RAW: _peer(peers, "raw-asgi", "asgi", bodies_file, "raw ASGI"),
+            FASTAPI: _peer(peers, "fastapi", "fastapi", bodies_file, "peer FastAPI"),
+        }
+        multi, multi_port = peers.enter_context(_started(start_core(ft_port, workers=workers)))
+        core_ready(multi, multi_port, 30, probes=4 * workers)
+        servers[MULTI] = (multi, multi_port)
+        if (folder := gofanout.go_seed(ctx)) is not None:
+            _go_ft, go_ft_port = peers.enter_context(_started(gofanout.start_go_ft(folder, 1.0)))
+            go_core, go_port = peers.enter_context(
+                _started(gofanout.start_go_core(folder, go_ft_port))
             )
-            with raw:
-                ready = raw.wait_line(r"raw ASGI listening on http://127\.0\.0\.1:(\d+)", 30)
-                multi, multi_port = start_core(ft_port, workers=workers)
-                with multi:
-                    core_ready(multi, multi_port, 30, probes=4 * workers)
-                    servers = {
-                        CORE: (core, port),
-                        RAW: (raw, int(ready[1])),
-                        MULTI: (multi, multi_port),
-                    }
-                    data["paths"] = {path: _measure_path(ctx, path, servers) for path in PATHS}
+            _wait_answers(go_core, go_port, "/quotes/BTC", 30)
+            servers[GO_CORE] = (go_core, go_port)
+        data["paths"] = {path: _measure_path(ctx, path, servers) for path in PATHS}
         data["bodies"] = bodies
     return Part("rest", _rows(data), data)
+
+
+@contextmanager
+def _started(started: tuple[Service, int]) -> Iterator[tuple[Service, int]]:
+    """A started service and its port, stopped when the block ends."""
+    with started[0]:
+        yield started
+
+
+def _peer(
+    stack: ExitStack, name: str, command: str, bodies: Path, says: str
+) -> tuple[Service, int]:
+    """Start a peer of :mod:`.peers` serving ``bodies``; return it and its port."""
+    argv = [sys.executable, "-m", "scripts.bench.peers", command, f"--bodies={bodies}"]
+    service = stack.enter_context(Service(name, argv))
+    ready = service.wait_line(rf"{says} listening on http://127\.0\.0\.1:(\d+)", 30)
+    return service, int(ready[1])
+
+
+def _wait_answers(service: Service, port: int, path: str, timeout: float) -> None:
+    """Wait until ``path`` answers 200 (the Go Core has its first quote)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http_get(port, path)[0] == 200:
+                return
+        except OSError:
+            pass
+        if not service.alive() or time.monotonic() > deadline:
+            raise service.fail(f"{path} did not answer 200 within {timeout:g}s")
+        time.sleep(0.05)
 
 
 def core_peak_rss(data: dict[str, Any]) -> int | None:
@@ -441,6 +481,33 @@ def _rows(data: dict[str, Any]) -> list[Row]:
                 f"raw {pct(raw['server_cpu_pct'])}",
             )
         )
+        peers = [(label, name) for label, name in PEERS if name in solo]
+        if peers:
+            picked = {name: _median_run(solo[name]) for _, name in peers}
+            rows.append(
+                Row(
+                    "1 REST",
+                    f"GET {path}: req/s; p50 / p99, beside what users pick instead",
+                    f"{rate(core['requests_per_s'])}; "
+                    f"{ms(core['latency_p50_s'])} / {ms(core['latency_p99_s'])}",
+                    "; ".join(
+                        f"{label}: {rate(picked[name]['requests_per_s'])}, "
+                        f"{ms(picked[name]['latency_p50_s'])} / {ms(picked[name]['latency_p99_s'])}"
+                        for label, name in peers
+                    ),
+                    "the median solo runs; server CPU: Core "
+                    f"{pct(core['server_cpu_pct'])}, "
+                    + ", ".join(
+                        f"{label} {pct(picked[name]['server_cpu_pct'])}" for label, name in peers
+                    )
+                    + "; Core ÷ "
+                    + ", ".join(
+                        f"{label} {core['requests_per_s'] / picked[name]['requests_per_s']:.2f}x"
+                        for label, name in peers
+                        if picked[name]["requests_per_s"]
+                    ),
+                )
+            )
         multi_ratio = found["multi_vs_core"]
         per_round = found["multi_vs_core_rounds"]
         rows.append(
