@@ -345,10 +345,13 @@ async def test_an_absent_broker_holds_nothing_up_and_the_buffer_keeps_the_newest
     sent, dropped = getattr(stopped, "kafka_sent", None), getattr(stopped, "kafka_dropped", None)
     assert sent == len(records)
     per_symbol = contiguous(records)
-    # Drop-oldest: what reached the broker is, per symbol, one unbroken run that
-    # ends with the symbol's last quote (the hole is at the start, never inside).
+    # Drop-oldest: per symbol, what reached the broker is in order, each quote
+    # once, without the oldest quotes of the outage. (Not always one unbroken run:
+    # a batch in the producer's hands cannot be recalled, so a tick arriving while
+    # the first batch after the outage is in flight pushes out the oldest quote
+    # still waiting, the one just after that batch.)
     for symbol, sequences in per_symbol.items():
-        assert sequences == list(range(sequences[0], sequences[0] + len(sequences))), symbol
+        assert sequences == sorted(set(sequences)), symbol
         assert sequences[0] > 1, f"{symbol}: the oldest quotes should have been dropped"
     # The last sequence of a symbol is how many quotes of it FT generated.
     generated = sum(sequences[-1] for sequences in per_symbol.values())

@@ -24,7 +24,9 @@ The policy for a slow or absent broker (what a demanding operator needs to know)
   oldest one still in the buffer (a batch in the producer's hands cannot be
   recalled): when the broker comes back, the newest prices are the ones that
   reach it. Every dropped quote is counted (``quotopia_ft_kafka_quotes_dropped_total``);
-  the recorder sees the hole as a gap in the sequence numbers.
+  the recorder sees the hole as a gap in the sequence numbers. While a batch is
+  in flight the quotes pushed out are the ones just after it, so a consumer may
+  see a second, small gap there, besides the one at the start of the outage.
 - *Retry the batch.* A batch the broker did not acknowledge goes back to the front
   of the buffer, in order, and the session starts over with backoff (0.1 s
   doubling to 5 s). aiokafka sends one batch per partition at a time, so order
