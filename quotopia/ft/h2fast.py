@@ -24,8 +24,8 @@ operations on h2's own state, and hand everything else to h2:
 The bytes are the ones h2 writes, and h2's state ends up as h2 would leave it;
 ``tests/test_h2fast.py`` checks both against h2 itself, frame sequence by frame
 sequence. This module and :mod:`quotopia.ft.writer` are the only ones that touch
-h2's internals (pinned by grpclib's ``h2`` dependency; the tests fail first if
-they move).
+h2's internals, which are not its public API: those tests run both paths on the
+installed h2, so a change of h2's internals fails them before it reaches FT.
 """
 
 from __future__ import annotations
