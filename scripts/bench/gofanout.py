@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .fanout import measure_feed, start_peer_ft
 from .plan import Context
 from .procs import BenchError, Service, ft_ready, start_ft
 from .report import Part, Row, pct, rate
@@ -117,7 +118,7 @@ def _measure(
     starts: dict[str, Callable[[], tuple[Service, int]]] = {
         "quotopia": lambda: start_ft(tick),
         "go": lambda: start_go_ft(folder, tick),
-        "grpcio_peer": lambda: _start_peer(ctx, tick),
+        "grpcio_peer": lambda: start_peer_ft(ctx, tick),
     }
     service, port = starts[feed]()
     with service:
@@ -140,8 +141,6 @@ def _grpcio_load(
     ctx: Context, service: Service, port: int, n: int, tick: float, window_s: float
 ) -> Result:
     """The fan-out part's grpcio load (:mod:`.loadclient`), reported as fanout-load reports."""
-    from .fanout import measure_feed
-
     found = measure_feed(
         ctx, service, port, n, tick=tick, warmup_s=2.0, window_s=window_s, client="grpcio"
     )
@@ -156,12 +155,6 @@ def _grpcio_load(
         "latency_p99_s": found["latency_p99_s"],
         "client_processes": found["client_processes"],
     }
-
-
-def _start_peer(ctx: Context, tick: float) -> tuple[Service, int]:
-    from .fanout import start_peer_ft
-
-    return start_peer_ft(ctx, tick)
 
 
 def run(ctx: Context) -> Part:

@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
@@ -375,7 +374,7 @@ def run(ctx: Context) -> Part:
             go_core, go_port = peers.enter_context(
                 _started(gofanout.start_go_core(folder, go_ft_port))
             )
-            _wait_answers(go_core, go_port, "/quotes/BTC", 30)
+            core_ready(go_core, go_port, 30)  # the Go Core answers the same /quotes/BTC
             servers[GO_CORE] = (go_core, go_port)
         data["paths"] = {path: _measure_path(ctx, path, servers) for path in PATHS}
         data["bodies"] = bodies
@@ -397,20 +396,6 @@ def _peer(
     service = stack.enter_context(Service(name, argv))
     ready = service.wait_line(rf"{says} listening on http://127\.0\.0\.1:(\d+)", 30)
     return service, int(ready[1])
-
-
-def _wait_answers(service: Service, port: int, path: str, timeout: float) -> None:
-    """Wait until ``path`` answers 200 (the Go Core has its first quote)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if http_get(port, path)[0] == 200:
-                return
-        except OSError:
-            pass
-        if not service.alive() or time.monotonic() > deadline:
-            raise service.fail(f"{path} did not answer 200 within {timeout:g}s")
-        time.sleep(0.05)
 
 
 def core_peak_rss(data: dict[str, Any]) -> int | None:
