@@ -260,13 +260,27 @@ def _run_core(
 # --- the command line -----------------------------------------------------------------
 
 
+def _serve_on_uvicorn(app: Any, args: argparse.Namespace, name: str) -> None:
+    """Serve ``app`` on uvicorn (uvloop, httptools) at ``--host``/``--port`` until
+    SIGTERM; log "{name} listening on http://HOST:PORT" with the real port."""
+    import socket
+
+    import uvicorn
+
+    sock = socket.create_server((args.host, args.port), backlog=4096)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, loop="uvloop", http="httptools"
+    )
+    logger.warning("%s listening on http://%s:%d", name, args.host, port)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
 # --- fastapi: the REST API as a user might write it -----------------------------------
 
 
 def _serve_fastapi(args: argparse.Namespace) -> None:
-    import socket
 
-    import uvicorn
     from fastapi import FastAPI, Response
 
     bodies = {
@@ -288,13 +302,7 @@ def _serve_fastapi(args: argparse.Namespace) -> None:
             )
         return Response(body, media_type="application/json")
 
-    sock = socket.create_server((args.host, args.port), backlog=4096)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, log_level="warning", access_log=False, loop="uvloop", http="httptools"
-    )
-    logger.warning("peer FastAPI listening on http://%s:%d", args.host, port)
-    uvicorn.Server(config).run(sockets=[sock])
+    _serve_on_uvicorn(app, args, "peer FastAPI")
 
 
 # --- sse: FastAPI + sse-starlette on uvicorn ------------------------------------------
@@ -303,11 +311,9 @@ def _serve_fastapi(args: argparse.Namespace) -> None:
 def _serve_sse(args: argparse.Namespace) -> None:
     import asyncio
     import contextlib
-    import socket
     from collections.abc import AsyncIterator
 
     import grpc
-    import uvicorn
     from fastapi import FastAPI
     from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -377,14 +383,7 @@ def _serve_sse(args: argparse.Namespace) -> None:
 
         return EventSourceResponse(events(), ping=15, sep="\n")
 
-    sock = socket.create_server((args.host, args.port), backlog=4096)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, log_level="warning", access_log=False, loop="uvloop", http="httptools"
-    )
-    server = uvicorn.Server(config)
-    logger.warning("peer SSE listening on http://%s:%d", args.host, port)
-    server.run(sockets=[sock])
+    _serve_on_uvicorn(app, args, "peer SSE")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
